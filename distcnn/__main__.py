@@ -1,0 +1,3 @@
+from distcnn.cli import main
+
+raise SystemExit(main())

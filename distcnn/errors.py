@@ -1,0 +1,25 @@
+"""User mistakes: one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UsageError(Exception):
+    """Bad input from the user (a flag, a file, a dataset). The CLI prints it as one line and exits 2."""
+
+    exit_code = 2
+
+
+def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (nearest: a, b)' for a mistyped name, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f" (nearest: {', '.join(close)})" if close else ""
+
+
+def unknown(kind: str, name: str, choices: Iterable[str], show_all: bool = True) -> UsageError:
+    """The standard 'unknown X' error: what was given, what is allowed, and the nearest match."""
+    choices = sorted(choices)
+    allowed = f"; allowed: {', '.join(choices)}" if show_all else ""
+    return UsageError(f"unknown {kind} {name!r}{allowed}{nearest(name, choices)}")
