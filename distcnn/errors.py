@@ -23,3 +23,11 @@ def unknown(kind: str, name: str, choices: Iterable[str], show_all: bool = True)
     choices = sorted(choices)
     allowed = f"; allowed: {', '.join(choices)}" if show_all else ""
     return UsageError(f"unknown {kind} {name!r}{allowed}{nearest(name, choices)}")
+
+
+class WorkersFailed(Exception):
+    """torchrun's workers failed; `exit_code` is the first failed rank's (2: a user mistake it already printed)."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code

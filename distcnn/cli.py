@@ -1,0 +1,131 @@
+"""The command line: `distcnn train`, `distcnn models`, `distcnn datasets`.
+
+`train`'s flags are generated from TrainConfig's fields, so a new option needs no CLI code. A user mistake
+prints one line `distcnn: error: …` and exits 2; nothing below this module imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, get_args, get_origin
+
+from distcnn.config import TrainConfig, flag, make_config
+from distcnn.errors import UsageError, WorkersFailed, nearest
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (with the nearest flag) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            first = message.split(":", 1)[1].split()[0].split("=")[0]
+            known = [opt for action in self._actions for opt in action.option_strings]
+            message += nearest(first, known)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _literal_choices(annotation: Any) -> tuple | None:
+    if get_origin(annotation) is not None and str(get_origin(annotation)).endswith("Literal"):
+        return get_args(annotation)
+    return None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags are left out so the config's defaults apply."""
+    for name, field in TrainConfig.model_fields.items():
+        default = field.default
+        help_text = f"{field.description} (default: {default})" if default not in (None, False) else field.description
+        if field.annotation is bool:
+            parser.add_argument(flag(name), action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        choices = _literal_choices(field.annotation)
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        parser.add_argument(flag(name), default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="distcnn", description="Train CNNs with torchrun DDP and account what each choice costs.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    train = commands.add_parser("train", help="train one model (1..N ranks through torchrun)",
+                                description="Train one model; --batch-size is per rank.")
+    add_config_flags(train)
+
+    models = commands.add_parser("models", help="list models with parameters and training FLOPs per image")
+    models.add_argument("--filter", default=None, help="timm name pattern, e.g. 'resnet*' (default: a short list)")
+    models.add_argument("--image-size", type=int, default=28)
+    models.add_argument("--in-chans", type=int, default=1)
+    models.add_argument("--num-classes", type=int, default=10)
+    models.add_argument("--width", type=float, default=1.0)
+
+    commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
+    return parser
+
+
+def command_train(options: dict) -> int:
+    from distcnn.train import run
+
+    run(make_config(options))
+    return 0
+
+
+def command_models(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from distcnn.models import LISTED_TIMM_MODELS, OWN_MODELS, describe, model_names
+
+    names = list(OWN_MODELS) + list(LISTED_TIMM_MODELS)
+    if args.filter:
+        names = [name for name in model_names() if fnmatch.fnmatch(name, args.filter)]
+        if not names:
+            raise UsageError(f"no model matches {args.filter!r}{nearest(args.filter, model_names())}")
+    rows = describe(names, in_chans=args.in_chans, image_size=args.image_size, num_classes=args.num_classes,
+                    width=args.width)
+    table = Table(title=f"models at {args.in_chans}×{args.image_size}×{args.image_size}, {args.num_classes} classes")
+    for column in ("model", "source", "params", "train GFLOPs/image"):
+        table.add_column(column, justify="left" if column in ("model", "source") else "right")
+    for row in rows:
+        flops = row.get("train_flops_per_image")
+        table.add_row(row["name"], row["source"], f"{row['params']:,}" if row.get("params") is not None else "-",
+                      f"{flops / 1e9:.4f}" if flops is not None else row.get("error", "-"))
+    Console().print(table)
+    return 0
+
+
+def command_datasets() -> int:
+    from distcnn.data import DATA_KINDS, load_data
+
+    for kind in DATA_KINDS:
+        print(kind)
+    try:
+        load_data("fashion-mnist", val_fraction=0.0, train_subset=None)
+        print("Fashion-MNIST: installed")
+    except UsageError as error:
+        print(f"Fashion-MNIST: {error}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            options = {key: value for key, value in vars(args).items() if key != "command"}
+            return command_train(options)
+        if args.command == "models":
+            return command_models(args)
+        return command_datasets()
+    except UsageError as error:
+        print(f"distcnn: error: {error}", file=sys.stderr)
+        return UsageError.exit_code
+    except KeyboardInterrupt:
+        print("distcnn: interrupted", file=sys.stderr)
+        return 130
+    except WorkersFailed as error:
+        print(f"distcnn: error: {error}", file=sys.stderr)
+        return error.exit_code if error.exit_code == 2 else 1

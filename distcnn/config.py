@@ -1,0 +1,137 @@
+"""The one validated description of a run.
+
+Every run option is a field of `TrainConfig`; the CLI's flags are generated from these fields (field
+`nproc_per_node` is flag `--nproc-per-node`) and a study file uses the same names, so an option is declared
+exactly once. Validation happens here, at the edge: a bad value becomes one `UsageError` line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distcnn.errors import UsageError, nearest
+
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adamw": {"lr": 2e-3, "weight_decay": 0.05}}
+
+
+class TrainConfig(BaseModel):
+    """Options of one training run. `batch_size` is per rank: the global batch is batch_size × world size."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    data: str = Field("fashion-mnist", description="fashion-mnist | imagefolder:PATH | synthetic[:k=v,...]")
+    data_dir: str | None = Field(None, description="folder with the Fashion-MNIST IDX files")
+    download: bool = Field(False, description="let torchvision download Fashion-MNIST when it is missing")
+    image_size: int | None = Field(None, description="square input size in pixels (default: the data's own)")
+    train_subset: int | None = Field(None, description="train on a stratified subset of N images")
+    val_fraction: float = Field(0.1, description="share of the training pool held out for validation")
+    test_fraction: float = Field(0.2, description="share held out for testing when the data has no test split")
+    split_seed: int = Field(0, description="seed of the train/val/test split (kept fixed across replicates)")
+    # model
+    model: str = Field("simplecnn", description="a distcnn net or any timm model name (see `distcnn models`)")
+    width: float = Field(1.0, gt=0, description="width multiplier of distcnn's own nets")
+    # augmentation
+    policy: str = Field("none", description="augmentation policy: none, flip-crop, paper, trivialaugment, randaugment")
+    aug_backend: Literal["batched", "per-sample"] = Field(
+        "batched", description="batched: kornia on the training device; per-sample: torchvision v2 in DataLoader workers"
+    )
+    mixup: float = Field(0.0, ge=0, description="MixUp alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
+    workers: int | None = Field(None, ge=0, description="DataLoader workers per rank for the per-sample backend")
+    # optimisation
+    epochs: int = Field(2, ge=1, description="number of epochs")
+    batch_size: int = Field(128, ge=1, description="images per step per rank (global batch = this × world size)")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="sgd (with momentum) or adamw")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: sgd 0.05, adamw 2e-3)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (default: sgd 5e-4, adamw 0.05)")
+    schedule: Literal["onecycle", "cosine"] = Field("onecycle", description="learning-rate schedule over all steps")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    seed: int = Field(0, description="seed of initialisation, shuffling and augmentation")
+    patience: int | None = Field(None, ge=1, description="stop after N epochs without a better validation accuracy")
+    # parallelism
+    nproc_per_node: int = Field(1, description="ranks (processes) per machine, launched by torchrun")
+    nnodes: int = Field(1, ge=1, description="number of machines")
+    node_rank: int | None = Field(None, ge=0, description="this machine's rank (static rendezvous)")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous for several machines")
+    rdzv_backend: Literal["c10d", "static"] = Field("c10d", description="torchrun rendezvous backend")
+    rdzv_id: str = Field("distcnn", description="rendezvous id shared by all machines of one job")
+    max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
+    threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present")
+    # record
+    name: str | None = Field(None, description="run name (default: model-policy)")
+    out: str | None = Field(None, description="run directory (default: runs/<time>-<name>)")
+    resume: bool = Field(False, description="continue the run in --out from its last checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be at least 1, got {self.nproc_per_node}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("several machines (nnodes > 1) need rdzv_endpoint HOST:PORT")
+        if self.rdzv_backend == "static" and self.nnodes > 1 and self.node_rank is None:
+            raise ValueError("the static rendezvous needs node_rank")
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError("patience needs a validation split: set val_fraction > 0")
+        return self
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr"]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        wd = self.weight_decay
+        return wd if wd is not None else OPTIMIZER_DEFAULTS[self.optimizer]["weight_decay"]
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.model}-{self.policy}"
+
+    def threads_per_rank(self, local_ranks: int | None = None) -> int:
+        """Cores shared evenly by the ranks of one machine, or ranks fight for cores."""
+        if self.threads:
+            return self.threads
+        local = local_ranks or self.nproc_per_node
+        return max(1, available_cores() // local)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def make_config(options: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from option names (`nproc-per-node` or `nproc_per_node`), one clear line on error."""
+    normalised = {key.replace("-", "_"): value for key, value in options.items()}
+    fields = TrainConfig.model_fields
+    for key in normalised:
+        if key not in fields:
+            raise UsageError(f"unknown option {flag(key)}{nearest(flag(key), [flag(f) for f in fields])}")
+    try:
+        return TrainConfig(**normalised)
+    except ValidationError as error:
+        raise UsageError(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as one line that names the flag."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "__root__"]
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if location:
+        value = first.get("input")
+        shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+        return f"{flag(location[0])}: {message}{shown}"
+    return message

@@ -1,0 +1,138 @@
+"""Ranks: torchrun launch, the process group, threads per rank, and the few collectives the loop needs.
+
+One code path for 1 and N ranks (as in nanoGPT): a worker reads what torchrun put in its environment
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE); without it, it is the single rank of a one-process run.
+Launching is torchrun's own launcher (torch.distributed.run), with distcnn's worker module as its script.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distcnn.config import TrainConfig
+from distcnn.errors import WorkersFailed
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None: a single process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def setup(config: TrainConfig) -> Ranks:
+    """Join the process group torchrun prepared (if any), pin the device and the threads of this rank."""
+    launched = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(config.threads_per_rank(local_world_size))
+    device = pick_device(config.device, local_rank)
+    backend = None
+    if launched:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend, device_id=device)
+        else:
+            dist.init_process_group(backend)
+    return Ranks(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def teardown(ranks: Ranks) -> None:
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], ranks: Ranks) -> list[float]:
+    """Sum a few numbers over all ranks (float64 on the rank's device, as the backend wants)."""
+    if not ranks.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: float, ranks: Ranks) -> float:
+    if not ranks.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def broadcast_flag(value: bool, ranks: Ranks) -> bool:
+    """Rank 0's decision for everyone (early stopping must stop all ranks at the same step)."""
+    if not ranks.distributed:
+        return value
+    tensor = torch.tensor([1 if value else 0], dtype=torch.int64, device=ranks.device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier()
+
+
+def needs_torchrun(config: TrainConfig) -> bool:
+    """A single-process run without restarts runs in this process; everything else goes through torchrun."""
+    return config.nproc_per_node > 1 or config.nnodes > 1 or config.max_restarts > 0
+
+
+def torchrun_args(config: TrainConfig, run_dir: Path) -> list[str]:
+    """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine."""
+    args = [f"--nproc-per-node={config.nproc_per_node}", f"--max-restarts={config.max_restarts}"]
+    if config.nnodes == 1 and not config.rdzv_endpoint:
+        args.append("--standalone")
+    else:
+        args += [
+            f"--nnodes={config.nnodes}",
+            f"--rdzv-backend={config.rdzv_backend}",
+            f"--rdzv-endpoint={config.rdzv_endpoint}",
+            f"--rdzv-id={config.rdzv_id}",
+        ]
+        if config.node_rank is not None:
+            args.append(f"--node-rank={config.node_rank}")
+    return args + ["--module", "distcnn.worker", str(run_dir)]
+
+
+def launch(config: TrainConfig, run_dir: Path) -> None:
+    """Start the workers through torchrun's own launcher and wait for them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    threads = config.threads_per_rank(config.nproc_per_node)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        run(parse_args(torchrun_args(config, run_dir)))
+    except ChildFailedError as error:
+        rank, failure = min(error.failures.items())
+        raise WorkersFailed(failure.exitcode, f"rank {rank} failed with exit code {failure.exitcode}") from None

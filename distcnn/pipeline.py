@@ -1,0 +1,141 @@
+"""From resident uint8 images to augmented, normalised batches on the training device.
+
+This is where an image is augmented. Two routes, chosen by the augmentation backend:
+- batched: batches are gathered by index from the resident uint8 tensor (one indexing op per batch, no
+  per-image Python), moved to the device, and augmented there as a whole batch (kornia);
+- per-sample: a DataLoader whose workers augment image by image (torchvision v2), as most training
+  scripts do; the device only normalises.
+Both shard the training set over ranks with DistributedSampler (also for one rank: one code path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from distcnn.augment import BatchMix, build_augment
+from distcnn.config import TrainConfig, available_cores
+from distcnn.data import DataSplits, ImageSet
+from distcnn.parallel import Ranks
+
+
+class ResidentBatches:
+    """Batches of (uint8 images, labels) gathered by index from an ImageSet held in memory."""
+
+    def __init__(self, images: ImageSet, batch_size: int, indices=None, sampler=None, drop_last: bool = False):
+        self.images = images
+        self.batch_size = batch_size
+        self.fixed_indices = indices
+        self.sampler = sampler
+        self.drop_last = drop_last
+
+    def _indices(self) -> torch.Tensor:
+        if self.sampler is not None:
+            return torch.as_tensor(list(self.sampler), dtype=torch.long)
+        return torch.as_tensor(self.fixed_indices, dtype=torch.long)
+
+    def _count(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.fixed_indices)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self._count(), self.batch_size)
+        return full if (self.drop_last and full) else full + (1 if rest else 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()
+        for step in range(len(self)):
+            batch = indices[step * self.batch_size : (step + 1) * self.batch_size]
+            yield self.images.images[batch], self.images.labels[batch]
+
+
+class PerSampleImages(Dataset):
+    """One image at a time through a per-sample transform, for DataLoader workers."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images.images[index]), self.images.labels[index]
+
+
+def default_workers(ranks: Ranks) -> int:
+    """Per-sample augmentation needs CPU workers; share the machine's cores among the local ranks."""
+    return max(1, available_cores() // ranks.local_world_size)
+
+
+class TrainInputs:
+    """One epoch of training batches for this rank: augmented, normalised, on the device."""
+
+    def __init__(self, splits: DataSplits, config: TrainConfig, ranks: Ranks):
+        self.device = ranks.device
+        self.mean = torch.tensor(splits.mean, device=ranks.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(splits.std, device=ranks.device).view(1, -1, 1, 1)
+        self.sampler = DistributedSampler(
+            splits.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=config.seed
+        )
+        # Drop a last partial batch (BatchNorm cannot train on one image), unless it is the only batch.
+        drop_last = len(self.sampler) >= config.batch_size
+        augment = build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
+        self.batched_augment = None
+        if config.aug_backend == "per-sample":
+            workers = config.workers if config.workers is not None else default_workers(ranks)
+            transform = augment if augment is not None else _identity
+            self.batches = DataLoader(
+                PerSampleImages(splits.train, transform),
+                batch_size=config.batch_size,
+                sampler=self.sampler,
+                drop_last=drop_last,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=ranks.device.type == "cuda",
+            )
+        else:
+            self.batched_augment = augment
+            self.batches = ResidentBatches(splits.train, config.batch_size, sampler=self.sampler, drop_last=drop_last)
+        self.mix = None
+        if config.mixup > 0 or config.cutmix > 0:
+            self.mix = BatchMix(config.mixup, config.cutmix, splits.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.batches:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            x = images.float().div_(255)
+            if self.batched_augment is not None:
+                x = self.batched_augment(x)
+            x = (x - self.mean) / self.std
+            if self.mix is not None:
+                x, labels = self.mix(x, labels)
+            yield x, labels
+
+
+def _identity(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+class EvalInputs:
+    """This rank's share of an evaluation set (every world_size-th image, no padding: counts stay exact)."""
+
+    def __init__(self, images: ImageSet, mean, std, batch_size: int, ranks: Ranks):
+        self.device = ranks.device
+        self.mean = torch.tensor(mean, device=ranks.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=ranks.device).view(1, -1, 1, 1)
+        shard = list(range(ranks.rank, len(images), ranks.world_size))
+        self.batches = ResidentBatches(images, batch_size, indices=shard)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.batches:
+            x = images.to(self.device, non_blocking=True).float().div_(255)
+            yield (x - self.mean) / self.std, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,138 @@
+"""The run record: everything a run leaves, in one directory, each file written atomically.
+
+Layout of a run directory:
+    config.json       the resolved TrainConfig
+    environment.json  versions, host, cores, threads, world size, device
+    epochs.csv        one row per finished epoch (rewritten whole, atomically, after each epoch)
+    checkpoint.pt     the latest epoch's training state (for --resume and restarts)
+    best.pt           the weights with the best validation accuracy
+    summary.json      written last, once: its presence means the run finished
+
+The study runner, the analysis and the report read runs only through this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.json"
+ENVIRONMENT = "environment.json"
+EPOCHS = "epochs.csv"
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+SUMMARY = "summary.json"
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, lambda handle: json.dump(data, handle, indent=2, sort_keys=False, default=str))
+
+
+class RunRecord:
+    """A run directory and the files in it."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def finished(self) -> bool:
+        return self.path(SUMMARY).exists()
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.path(CHECKPOINT).exists()
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.path(CONFIG), config)
+
+    def read_config(self) -> dict:
+        return json.loads(self.path(CONFIG).read_text())
+
+    def write_environment(self, environment: dict) -> None:
+        write_json(self.path(ENVIRONMENT), environment)
+
+    def write_epochs(self, rows: list[dict]) -> None:
+        """Rewrite epochs.csv from the full history, so it always agrees with the checkpoint."""
+        if not rows:
+            return
+        buffer = io.StringIO()
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path(EPOCHS), lambda handle: handle.write(buffer.getvalue()))
+
+    def read_epochs(self) -> list[dict]:
+        if not self.path(EPOCHS).exists():
+            return []
+        with open(self.path(EPOCHS), newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path(SUMMARY), summary)
+
+    def read_summary(self) -> dict:
+        return json.loads(self.path(SUMMARY).read_text())
+
+
+def describe_environment(world_size: int, local_world_size: int, threads: int, device: str, backend: str) -> dict:
+    """Versions, host and hardware: what a reader needs to compare two runs."""
+    import kornia
+    import timm
+    import torch
+    import torchvision
+
+    from distcnn import __version__
+    from distcnn.config import available_cores
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
+    return {
+        "distcnn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "kornia": kornia.__version__,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_cores": available_cores(),
+        "threads_per_rank": threads,
+        "world_size": world_size,
+        "local_world_size": local_world_size,
+        "device": device,
+        "backend": backend,
+        "gpu": gpu,
+    }

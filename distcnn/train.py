@@ -1,0 +1,311 @@
+"""The one training loop (1..N ranks), evaluation, early stopping, checkpoints — and starting a run.
+
+`run(config)` is the whole job as the CLI and the study runner see it: validate everything that can be
+checked before any process starts, prepare the run directory, train (in this process, or on torchrun's
+workers), and return the summary. `train(config, run_dir)` is what each rank executes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distcnn import parallel
+from distcnn.augment import BatchMix, build_augment
+from distcnn.checkpoint import load_checkpoint, save_checkpoint
+from distcnn.config import TrainConfig
+from distcnn.console import EpochTable, StepProgress, say
+from distcnn.data import DataSplits, load_data
+from distcnn.errors import UsageError, WorkersFailed
+from distcnn.models import check_input_size, count_params, create_model, train_flops_per_image
+from distcnn.parallel import Ranks
+from distcnn.pipeline import EvalInputs, TrainInputs
+from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
+
+# Options that may differ when a run is resumed: how it runs, not what it computes.
+RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
+                         "rdzv_backend", "rdzv_id", "node_rank"}
+
+
+def load_splits(config: TrainConfig) -> DataSplits:
+    return load_data(
+        config.data,
+        data_dir=config.data_dir,
+        image_size=config.image_size,
+        train_subset=config.train_subset,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        split_seed=config.split_seed,
+        download=config.download,
+    )
+
+
+def validate(config: TrainConfig) -> DataSplits:
+    """Check data, model, augmentation and parallelism before anything is written or started."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    splits = load_splits(config)
+    build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
+    if config.mixup > 0 or config.cutmix > 0:
+        BatchMix(config.mixup, config.cutmix, splits.num_classes)
+    model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
+    check_input_size(model, splits.channels, splits.image_size, config.model)
+    world = config.nproc_per_node * config.nnodes
+    if len(splits.train) < 2 * world:
+        raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
+    return splits
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{config.run_name}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool]:
+    """The run directory, checked against what it already holds; returns (record, created_now)."""
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    record = RunRecord(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a directory")
+    if record.path("config.json").exists():
+        if not config.resume:
+            state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
+            raise UsageError(f"{run_dir} already holds {state}; choose another --out")
+        saved = record.read_config()
+        current = config.model_dump()
+        changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
+        if changed:
+            raise UsageError(f"--resume: {run_dir} was started with other options: {', '.join(changed)}")
+        return record, False
+    if config.resume and config.out is None:
+        raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_config(config.model_dump() | {"out": str(run_dir)})
+    return record, created
+
+
+def run(config: TrainConfig) -> dict:
+    """Validate, prepare the run directory, train, and return the summary. Raises UsageError on bad input."""
+    validate(config)
+    record, created = prepare_run_dir(config)
+    if record.finished:
+        say(f"{record.dir} is already finished; nothing to do")
+        return record.read_summary()
+    try:
+        if parallel.needs_torchrun(config):
+            parallel.launch(config, record.dir)
+        else:
+            train(config, record.dir)
+    except (UsageError, WorkersFailed) as error:
+        # A mistake found only by the workers: leave nothing half-written behind.
+        if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:
+            shutil.rmtree(record.dir, ignore_errors=True)
+        raise
+    return record.read_summary()
+
+
+def train(config: TrainConfig, run_dir: Path) -> None:
+    """What every rank runs: set up its place in the job, train, and tear down."""
+    ranks = parallel.setup(config)
+    try:
+        Trainer(config, RunRecord(run_dir), ranks).fit()
+    finally:
+        parallel.teardown(ranks)
+
+
+def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
+    """A seed per (epoch, rank): augmentation differs across ranks, and a resumed epoch replays exactly."""
+    return (config.seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
+
+
+class Trainer:
+    """One run on one rank: the model, its optimiser and schedule, and the epoch loop."""
+
+    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks):
+        self.config, self.record, self.ranks = config, record, ranks
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.splits = load_splits(config)
+        splits = self.splits
+        self.model = create_model(
+            config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width
+        ).to(ranks.device)
+        self.params = count_params(self.model)
+        self.flops_per_image = train_flops_per_image(self.model, splits.channels, splits.image_size)
+        self.inputs = TrainInputs(splits, config, ranks)
+        self.steps_per_epoch = len(self.inputs)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
+                      "train_seconds": 0.0, "images_seen": 0, "history": [], "resumed_at": []}
+        self._resume()
+        self.ddp = self.model
+        if ranks.distributed:
+            ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
+        groups = [{"params": decay, "weight_decay": c.resolved_weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.resolved_lr, momentum=c.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=c.resolved_lr)
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        total = max(1, self.config.epochs * self.steps_per_epoch)
+        if self.config.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.config.resolved_lr,
+                                                       total_steps=total, pct_start=0.25)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+
+    def _resume(self) -> None:
+        """Continue from the last checkpoint when there is one (--resume, or a torchrun restart)."""
+        if not self.record.has_checkpoint:
+            return
+        checkpoint = load_checkpoint(self.record.path(CHECKPOINT), self.ranks)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = checkpoint["state"]
+        self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
+        say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
+
+    def fit(self) -> None:
+        c, ranks, state = self.config, self.ranks, self.state
+        if ranks.is_main:
+            self.record.write_environment(describe_environment(
+                ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
+                ranks.backend or "none"))
+        table = EpochTable(ranks)
+        while state["epoch"] < c.epochs and not self._should_stop():
+            epoch = state["epoch"]
+            train_loss, images, seconds = self._train_epoch(epoch)
+            eval_start = time.perf_counter()
+            val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) else None
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
+                   "images_per_second": images / seconds, "train_seconds": seconds,
+                   "epoch_seconds": seconds + time.perf_counter() - eval_start,
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            state["train_seconds"] += seconds
+            state["images_seen"] += images
+            improved = val_accuracy is not None and (
+                state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"])
+            if improved:
+                state["best_val_accuracy"], state["best_epoch"], state["stale_epochs"] = val_accuracy, epoch + 1, 0
+            else:
+                state["stale_epochs"] += 1
+            self._save(improved)
+            table.row(row, improved)
+        self._finish()
+
+    def _should_stop(self) -> bool:
+        patience = self.config.patience
+        return patience is not None and self.state["stale_epochs"] >= patience
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds)."""
+        torch.manual_seed(seed_for(self.config, epoch, self.ranks.rank))
+        self.inputs.set_epoch(epoch)
+        self.ddp.train()
+        loss_sum = torch.zeros((), device=self.ranks.device)
+        images = 0
+        progress = StepProgress(self.ranks, f"epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch)
+        self._sync()
+        start = time.perf_counter()
+        with progress:
+            for step, (x, targets) in enumerate(self.inputs):
+                loss = self.criterion(self.ddp(x), targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                loss_sum += loss.detach() * x.shape[0]
+                images += x.shape[0]
+                progress.advance(step, loss, images, time.perf_counter() - start)
+            self._sync()
+            seconds = time.perf_counter() - start
+        total_loss, total_images = parallel.all_reduce_sum([loss_sum.item(), float(images)], self.ranks)
+        seconds = parallel.all_reduce_max(seconds, self.ranks)
+        return total_loss / max(1.0, total_images), int(total_images), seconds
+
+    def _sync(self) -> None:
+        if self.ranks.device.type == "cuda":
+            torch.cuda.synchronize(self.ranks.device)
+
+    @torch.no_grad()
+    def evaluate(self, images) -> float:
+        """Accuracy over a whole split: each rank scores its shard, the counts are summed over ranks."""
+        self.model.eval()
+        correct = total = 0
+        inputs = EvalInputs(images, self.splits.mean, self.splits.std, max(256, self.config.batch_size), self.ranks)
+        for x, labels in inputs:
+            correct += (self.model(x).argmax(dim=1) == labels).sum().item()
+            total += labels.numel()
+        correct, total = parallel.all_reduce_sum([float(correct), float(total)], self.ranks)
+        return correct / total if total else math.nan
+
+    def _save(self, improved: bool) -> None:
+        """Rank 0 writes the epoch's checkpoint, the best weights and epochs.csv, each atomically."""
+        if not self.ranks.is_main:
+            return
+        if improved:
+            save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
+        save_checkpoint(self.record.path(CHECKPOINT), {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "state": copy.deepcopy(self.state)})
+        self.record.write_epochs(self.state["history"])
+
+    def _finish(self) -> None:
+        """Score the best weights on the test set once, and write the summary (last: it marks the run done)."""
+        state = self.state
+        if state["best_epoch"] is not None:
+            best = load_checkpoint(self.record.path(BEST), self.ranks)
+            self.model.load_state_dict(best["model"])
+        test_accuracy = self.evaluate(self.splits.test)
+        summary = {
+            "name": self.config.run_name,
+            "model": self.config.model,
+            "policy": self.config.policy,
+            "aug_backend": self.config.aug_backend,
+            "data": self.splits.name,
+            "world_size": self.ranks.world_size,
+            "test_accuracy": test_accuracy,
+            "best_val_accuracy": state["best_val_accuracy"],
+            "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"],
+            "stopped_early": state["epoch"] < self.config.epochs,
+            "train_seconds": state["train_seconds"],
+            "images_seen": state["images_seen"],
+            "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+            "params": self.params,
+            "train_flops_per_image": self.flops_per_image,
+            "train_images": len(self.splits.train),
+            "val_images": len(self.splits.val),
+            "test_images": len(self.splits.test),
+            "resumed_at_epochs": state["resumed_at"],
+        }
+        if self.ranks.is_main:
+            self.record.write_summary(summary)
+            say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "
+                f"({state['train_seconds']:.1f} s training) — run record: {self.record.dir}", self.ranks)
+        parallel.barrier(self.ranks)
