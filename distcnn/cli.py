@@ -20,9 +20,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
             first = message.split(":", 1)[1].split()[0].split("=")[0]
-            known = [opt for action in self._actions for opt in action.option_strings]
-            message += nearest(first, known)
+            message += nearest(first, known_flags(self))
         raise UsageError(f"{self.prog}: {message}")
+
+
+def known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of a parser and of its subcommands (argparse reports unknown flags from the top parser)."""
+    flags = []
+    for action in parser._actions:
+        flags += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags += known_flags(sub)
+    return flags
 
 
 def _literal_choices(annotation: Any) -> tuple | None:

@@ -166,7 +166,7 @@ class Trainer:
             (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
         groups = [{"params": decay, "weight_decay": c.resolved_weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.resolved_lr, momentum=c.momentum, nesterov=True)
+            return torch.optim.SGD(groups, lr=c.resolved_lr, momentum=c.momentum, nesterov=c.momentum > 0)
         return torch.optim.AdamW(groups, lr=c.resolved_lr)
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:

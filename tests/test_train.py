@@ -1,0 +1,94 @@
+"""The training loop on one rank: it learns, it writes its record, it resumes exactly, it stops early."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from conftest import read_summary
+from distcnn.config import make_config
+from distcnn.errors import UsageError
+from distcnn.train import Trainer, run
+from helpers import make_imagefolder
+
+SUMMARY_FIELDS = {"test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second",
+                  "params", "train_flops_per_image"}
+
+
+def config(tmp_path, **options):
+    base = {"data": "synthetic", "model": "simplecnn", "epochs": 3, "batch_size": 64, "threads": 2,
+            "out": str(tmp_path / "run")}
+    return make_config(base | options)
+
+
+def test_learns_and_writes_the_run_record(tmp_path):
+    summary = run(config(tmp_path))
+    run_dir = tmp_path / "run"
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert read_summary(run_dir) == summary
+    assert summary["test_accuracy"] > 0.5, "10 classes: chance is 0.1"
+    assert summary["epochs_run"] == 3 and summary["params"] > 0 and summary["train_flops_per_image"] > 0
+    with open(run_dir / "epochs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert all(float(r["images_per_second"]) > 0 for r in rows)
+    for name in ("config.json", "environment.json", "checkpoint.pt", "best.pt"):
+        assert (run_dir / name).exists(), name
+
+
+def test_per_sample_backend_with_workers_learns(tmp_path):
+    summary = run(config(tmp_path, policy="flip-crop", aug_backend="per-sample", workers=1, epochs=2))
+    assert summary["test_accuracy"] > 0.3
+
+
+def test_imagefolder_of_pngs_trains_well_above_chance(tmp_path):
+    root = make_imagefolder(tmp_path / "images", classes=3, per_class=40, size=24)
+    summary = run(config(tmp_path, data=f"imagefolder:{root}", epochs=6, batch_size=16, lr=3e-3))
+    assert summary["test_accuracy"] > 0.7, "3 classes: chance is 0.33"
+
+
+def test_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    whole = run(config(tmp_path, out=str(tmp_path / "whole")))
+
+    original = Trainer._train_epoch
+
+    def crash_in_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path, out=str(tmp_path / "cut")))
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    with pytest.raises(UsageError, match="--resume"):
+        run(config(tmp_path, out=str(tmp_path / "cut")))
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    resumed = run(config(tmp_path, out=str(tmp_path / "cut"), resume=True))
+
+    assert resumed["resumed_at_epochs"] == [1]
+    assert resumed["epochs_run"] == 3
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_a_finished_run_is_never_rerun(tmp_path):
+    first = run(config(tmp_path, epochs=1))
+    before = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
+    again = run(config(tmp_path, epochs=1, resume=True))
+    assert again == first
+    assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == before
+    with pytest.raises(UsageError, match="finished run"):
+        run(config(tmp_path, epochs=1))
+
+
+def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
+    summary = run(config(tmp_path, epochs=6, patience=1, lr=1e-9, schedule="cosine"))
+    assert summary["stopped_early"] is True
+    assert summary["epochs_run"] < 6
