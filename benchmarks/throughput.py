@@ -14,6 +14,7 @@ Then augmentation alone: one batch through the batched backend vs the same image
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import time
@@ -70,15 +71,24 @@ def endless(inputs: TrainInputs):
         yield from inputs
 
 
-def pipelines(splits, batch: int, workers: list[int]) -> dict[str, TrainInputs]:
-    ranks = Ranks(0, 0, 1, 1, torch.device("cpu"), None)
+def pipeline_configs(batch: int, workers: list[int]) -> dict:
     options = {"batch_size": batch, "data": "synthetic"}
-    made = {"none": TrainInputs(splits, make_config(options | {"policy": "none"}), ranks),
-            "paper batched": TrainInputs(splits, make_config(options | {"policy": "paper"}), ranks)}
+    configs = {"none": make_config(options | {"policy": "none"}),
+               "paper batched": make_config(options | {"policy": "paper"})}
     for n in workers:
-        config = make_config(options | {"policy": "paper", "aug_backend": "per-sample", "workers": n})
-        made[f"paper per-sample/w{n}"] = TrainInputs(splits, config, ranks)
-    return made
+        configs[f"paper per-sample/w{n}"] = make_config(
+            options | {"policy": "paper", "aug_backend": "per-sample", "workers": n})
+    return configs
+
+
+def pipeline_rate(trainee: Trainee, splits, config, steps: int) -> float:
+    """A fresh pipeline per measurement, dropped afterwards: idle DataLoader workers of one row must not
+    prefetch in the background while the next row is timed."""
+    inputs = TrainInputs(splits, config, Ranks(0, 0, 1, 1, torch.device("cpu"), None))
+    rate = images_per_second(trainee, endless(inputs), steps)
+    del inputs
+    gc.collect()
+    return rate
 
 
 def augmentation_alone(splits, batch: int, rounds: int) -> tuple[float, float]:
@@ -124,12 +134,12 @@ def main() -> None:
         trainee = Trainee(name, splits)
         resident = (torch.randn(args.batch, splits.channels, splits.image_size, splits.image_size),
                     torch.randint(0, splits.num_classes, (args.batch,)))
-        sources = {"model-only": itertools.repeat(resident)}
-        sources |= {label: endless(inputs) for label, inputs in pipelines(splits, args.batch, workers).items()}
-        rates = {label: [] for label in sources}
+        configs = pipeline_configs(args.batch, workers)
+        rates = {label: [] for label in ["model-only", *configs]}
         for _ in range(args.rounds):
-            for label, batches in sources.items():
-                rates[label].append(images_per_second(trainee, batches, args.steps))
+            rates["model-only"].append(images_per_second(trainee, itertools.repeat(resident), args.steps))
+            for label, config in configs.items():
+                rates[label].append(pipeline_rate(trainee, splits, config, args.steps))
         model_only = statistics.median(rates["model-only"])
         per_sample = {k: statistics.median(v) for k, v in rates.items() if "per-sample" in k}
         best_per_sample = max(per_sample, key=per_sample.get)
@@ -139,7 +149,6 @@ def main() -> None:
             table.add_row(name, label + mark, f"{rate:,.0f}", f"{rate / model_only:.3f}")
         batched_rate = statistics.median(rates["paper batched"])
         table.add_row(name, "paper batched ÷ best per-sample", "", f"{batched_rate / per_sample[best_per_sample]:.2f}")
-        del sources
     console.print(table)
 
     batched_s, per_sample_s = augmentation_alone(splits, args.batch, args.rounds)
