@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +88,13 @@ def all_reduce_max(value: float, ranks: Ranks) -> float:
     return tensor.item()
 
 
-def broadcast_flag(value: bool, ranks: Ranks) -> bool:
-    """Rank 0's decision for everyone (early stopping must stop all ranks at the same step)."""
+def gather_hosts(ranks: Ranks) -> list[str]:
+    """The host name of every rank, in rank order: a multi-node run records all its machines."""
     if not ranks.distributed:
-        return value
-    tensor = torch.tensor([1 if value else 0], dtype=torch.int64, device=ranks.device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+        return [socket.gethostname()]
+    names: list = [None] * ranks.world_size
+    dist.all_gather_object(names, socket.gethostname())
+    return names
 
 
 def barrier(ranks: Ranks) -> None:

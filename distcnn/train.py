@@ -82,12 +82,14 @@ def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool]:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a directory")
     if record.path("config.json").exists():
-        if not config.resume:
-            state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
-            raise UsageError(f"{run_dir} already holds {state}; choose another --out")
         saved = record.read_config()
         current = config.model_dump()
         changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
+        # The other machines of a multi-node job may share this folder: they join the same unfinished run.
+        joining = config.nnodes > 1 and not changed and not record.finished
+        if not (config.resume or joining):
+            state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
+            raise UsageError(f"{run_dir} already holds {state}; choose another --out")
         if changed:
             raise UsageError(f"--resume: {run_dir} was started with other options: {', '.join(changed)}")
         return record, False
@@ -99,8 +101,10 @@ def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool]:
     return record, created
 
 
-def run(config: TrainConfig) -> dict:
-    """Validate, prepare the run directory, train, and return the summary. Raises UsageError on bad input."""
+def run(config: TrainConfig) -> dict | None:
+    """Validate, prepare the run directory, train, and return the summary. Raises UsageError on bad input.
+
+    Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
     validate(config)
     record, created = prepare_run_dir(config)
     if record.finished:
@@ -116,7 +120,7 @@ def run(config: TrainConfig) -> dict:
         if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:
             shutil.rmtree(record.dir, ignore_errors=True)
         raise
-    return record.read_summary()
+    return record.read_summary() if record.finished else None
 
 
 def train(config: TrainConfig, run_dir: Path) -> None:
@@ -190,10 +194,11 @@ class Trainer:
 
     def fit(self) -> None:
         c, ranks, state = self.config, self.ranks, self.state
+        hosts = parallel.gather_hosts(ranks)
         if ranks.is_main:
             self.record.write_environment(describe_environment(
                 ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
-                ranks.backend or "none"))
+                ranks.backend or "none") | {"hosts": hosts})
         table = EpochTable(ranks)
         while state["epoch"] < c.epochs and not self._should_stop():
             epoch = state["epoch"]

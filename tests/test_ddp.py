@@ -45,3 +45,24 @@ def test_two_ranks_of_batch_b_give_the_gradient_of_one_rank_of_batch_2b(tmp_path
     initial = create_model("lenet", in_chans=1, num_classes=10).state_dict()
     for key in a:
         assert (a[key] - initial[key]).abs().max() > 1e-4, key
+
+
+def test_two_machines_through_a_static_rendezvous(tmp_path):
+    """Two node agents (one rank each) on this machine, sharing one run directory, as two hosts with NFS would."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "distcnn", "train", "--data", "synthetic", "--epochs", "1", "--batch-size", "32",
+         "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "static", "--node-rank", str(rank),
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--threads", "1", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["test_accuracy"] > 0.2
