@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from distcnn.augment import BatchMix, build_augment
+from distcnn.augment import build_augment, build_batch_mix
 from distcnn.config import TrainConfig, available_cores
 from distcnn.data import DataSplits, ImageSet
 from distcnn.parallel import Ranks
@@ -64,6 +64,21 @@ class PerSampleImages(Dataset):
         return self.transform(self.images.images[index]), self.images.labels[index]
 
 
+class Normalise:
+    """uint8 images on the device -> float, scaled to [0, 1] (then `standardise` by the train set's statistics)."""
+
+    def __init__(self, mean, std, device: torch.device):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    @staticmethod
+    def to_unit(images: torch.Tensor) -> torch.Tensor:
+        return images.float().div_(255)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 def default_workers(ranks: Ranks) -> int:
     """Per-sample augmentation needs CPU workers; share the machine's cores among the local ranks."""
     return max(1, available_cores() // ranks.local_world_size)
@@ -74,8 +89,7 @@ class TrainInputs:
 
     def __init__(self, splits: DataSplits, config: TrainConfig, ranks: Ranks):
         self.device = ranks.device
-        self.mean = torch.tensor(splits.mean, device=ranks.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(splits.std, device=ranks.device).view(1, -1, 1, 1)
+        self.normalise = Normalise(splits.mean, splits.std, ranks.device)
         self.sampler = DistributedSampler(
             splits.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=config.seed
         )
@@ -98,9 +112,7 @@ class TrainInputs:
         else:
             self.batched_augment = augment
             self.batches = ResidentBatches(splits.train, config.batch_size, sampler=self.sampler, drop_last=drop_last)
-        self.mix = None
-        if config.mixup > 0 or config.cutmix > 0:
-            self.mix = BatchMix(config.mixup, config.cutmix, splits.num_classes)
+        self.mix = build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -112,10 +124,10 @@ class TrainInputs:
         for images, labels in self.batches:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            x = images.float().div_(255)
+            x = self.normalise.to_unit(images)
             if self.batched_augment is not None:
                 x = self.batched_augment(x)
-            x = (x - self.mean) / self.std
+            x = self.normalise.standardise(x)
             if self.mix is not None:
                 x, labels = self.mix(x, labels)
             yield x, labels
@@ -130,12 +142,11 @@ class EvalInputs:
 
     def __init__(self, images: ImageSet, mean, std, batch_size: int, ranks: Ranks):
         self.device = ranks.device
-        self.mean = torch.tensor(mean, device=ranks.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=ranks.device).view(1, -1, 1, 1)
+        self.normalise = Normalise(mean, std, ranks.device)
         shard = list(range(ranks.rank, len(images), ranks.world_size))
         self.batches = ResidentBatches(images, batch_size, indices=shard)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.batches:
-            x = images.to(self.device, non_blocking=True).float().div_(255)
-            yield (x - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+            x = self.normalise.to_unit(images.to(self.device, non_blocking=True))
+            yield self.normalise.standardise(x), labels.to(self.device, non_blocking=True)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import parallel
-from distcnn.augment import BatchMix, build_augment
+from distcnn.augment import build_augment, build_batch_mix
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.console import EpochTable, StepProgress, say
@@ -55,8 +55,7 @@ def validate(config: TrainConfig) -> DataSplits:
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
     splits = load_splits(config)
     build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
-    if config.mixup > 0 or config.cutmix > 0:
-        BatchMix(config.mixup, config.cutmix, splits.num_classes)
+    build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
     check_input_size(model, splits.channels, splits.image_size, config.model)
     world = config.nproc_per_node * config.nnodes

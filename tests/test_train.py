@@ -92,3 +92,8 @@ def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
     summary = run(config(tmp_path, epochs=6, patience=1, lr=1e-9, schedule="cosine"))
     assert summary["stopped_early"] is True
     assert summary["epochs_run"] < 6
+
+
+def test_mixup_cutmix_and_label_smoothing_train_with_soft_targets(tmp_path):
+    summary = run(config(tmp_path, epochs=2, policy="trivialaugment", mixup=0.2, cutmix=1.0, label_smoothing=0.1))
+    assert summary["test_accuracy"] > 0.3
