@@ -88,6 +88,15 @@ def all_reduce_max(value: float, ranks: Ranks) -> float:
     return tensor.item()
 
 
+def broadcast_flag(value: bool, ranks: Ranks) -> bool:
+    """Rank 0's answer for everyone: machines without a shared filesystem must decide alike."""
+    if not ranks.distributed:
+        return value
+    tensor = torch.tensor([1 if value else 0], dtype=torch.int64, device=ranks.device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def gather_hosts(ranks: Ranks) -> list[str]:
     """The host name of every rank, in rank order: a multi-node run records all its machines."""
     if not ranks.distributed:

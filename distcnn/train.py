@@ -181,7 +181,7 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the last checkpoint when there is one (--resume, or a torchrun restart)."""
-        if not self.record.has_checkpoint:
+        if not parallel.broadcast_flag(self.record.has_checkpoint, self.ranks):  # rank 0's file decides
             return
         checkpoint = load_checkpoint(self.record.path(CHECKPOINT), self.ranks)
         self.model.load_state_dict(checkpoint["model"])
