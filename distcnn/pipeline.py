@@ -22,29 +22,23 @@ from distcnn.parallel import Ranks
 
 
 class ResidentBatches:
-    """Batches of (uint8 images, labels) gathered by index from an ImageSet held in memory."""
+    """Batches of (uint8 images, labels) gathered by index from an ImageSet held in memory.
 
-    def __init__(self, images: ImageSet, batch_size: int, indices=None, sampler=None, drop_last: bool = False):
+    `indices` is anything with a length that iterates over image indices: a fixed list (evaluation shards)
+    or a DistributedSampler (re-drawn each epoch)."""
+
+    def __init__(self, images: ImageSet, batch_size: int, indices, drop_last: bool = False):
         self.images = images
         self.batch_size = batch_size
-        self.fixed_indices = indices
-        self.sampler = sampler
+        self.indices = indices
         self.drop_last = drop_last
 
-    def _indices(self) -> torch.Tensor:
-        if self.sampler is not None:
-            return torch.as_tensor(list(self.sampler), dtype=torch.long)
-        return torch.as_tensor(self.fixed_indices, dtype=torch.long)
-
-    def _count(self) -> int:
-        return len(self.sampler) if self.sampler is not None else len(self.fixed_indices)
-
     def __len__(self) -> int:
-        full, rest = divmod(self._count(), self.batch_size)
+        full, rest = divmod(len(self.indices), self.batch_size)
         return full if (self.drop_last and full) else full + (1 if rest else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices()
+        indices = torch.as_tensor(list(self.indices), dtype=torch.long)
         for step in range(len(self)):
             batch = indices[step * self.batch_size : (step + 1) * self.batch_size]
             yield self.images.images[batch], self.images.labels[batch]
@@ -111,7 +105,7 @@ class TrainInputs:
             )
         else:
             self.batched_augment = augment
-            self.batches = ResidentBatches(splits.train, config.batch_size, sampler=self.sampler, drop_last=drop_last)
+            self.batches = ResidentBatches(splits.train, config.batch_size, self.sampler, drop_last=drop_last)
         self.mix = build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
 
     def __len__(self) -> int:
@@ -144,7 +138,7 @@ class EvalInputs:
         self.device = ranks.device
         self.normalise = Normalise(mean, std, ranks.device)
         shard = list(range(ranks.rank, len(images), ranks.world_size))
-        self.batches = ResidentBatches(images, batch_size, indices=shard)
+        self.batches = ResidentBatches(images, batch_size, shard)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.batches:
