@@ -80,7 +80,8 @@ def resident_batches(splits, batch: int, count: int = 16) -> list[tuple[torch.Te
 def endless(inputs: TrainInputs):
     for epoch in itertools.count():
         inputs.set_epoch(epoch)
-        yield from inputs
+        for images, labels in inputs:
+            yield inputs.prepare(images, labels)
 
 
 def pipeline_configs(batch: int, workers: list[int]) -> dict:

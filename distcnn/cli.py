@@ -1,4 +1,4 @@
-"""The command line: `distcnn train`, `distcnn models`, `distcnn datasets`.
+"""The command line: `distcnn train`, `distcnn models`, `distcnn datasets`, `distcnn show`.
 
 `train`'s flags are generated from TrainConfig's fields, so a new option needs no CLI code. A user mistake
 prints one line `distcnn: error: …` and exits 2; nothing below this module imports it.
@@ -71,6 +71,11 @@ def build_parser() -> Parser:
     models.add_argument("--width", type=float, default=1.0)
 
     commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
+
+    show = commands.add_parser("show", help="print a run's summary and draw its resource time series to a PNG")
+    show.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (finished or not)")
+    show.add_argument("--png", default=None, metavar="PATH", help="where to draw (default: RUN_DIR/telemetry.png)")
+    show.add_argument("--no-plot", action="store_true", help="print the table only")
     return parser
 
 
@@ -120,6 +125,13 @@ def command_datasets() -> int:
     return 0
 
 
+def command_show(args: argparse.Namespace) -> int:
+    from distcnn.telemetry.show import show
+
+    show(args.run_dir, png=args.png, plot=not args.no_plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -129,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_train(options)
         if args.command == "models":
             return command_models(args)
+        if args.command == "show":
+            return command_show(args)
         return command_datasets()
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)

@@ -63,6 +63,13 @@ class TrainConfig(BaseModel):
     max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
     threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present")
+    # accounting
+    telemetry: Literal["on", "off"] = Field(
+        "on", description="resource sampling, step timers and byte counting (off only to measure their cost)")
+    sample_interval: float = Field(0.5, gt=0, description="seconds between resource samples")
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = Field(
+        "allreduce", description="DDP gradient communication hook (torch's own)")
+    powersgd_rank: int = Field(1, ge=1, description="matrix approximation rank of the powersgd hook")
     # record
     name: str | None = Field(None, description="run name (default: model-policy)")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<name>)")

@@ -21,12 +21,13 @@ def say(message: str, ranks: Ranks | None = None) -> None:
 
 
 class StepProgress:
-    """A transient bar over the steps of one epoch, with images/s and the running loss."""
+    """A transient bar over the steps of one epoch: images/s, the running loss, CPU % and network MB/s."""
 
     REFRESH_EVERY = 10  # steps between loss read-outs (reading the loss syncs the device)
 
-    def __init__(self, ranks: Ranks, description: str, total: int):
+    def __init__(self, ranks: Ranks, description: str, total: int, live=None):
         self.enabled = ranks.is_main and sys.stdout.isatty()
+        self.live = live  # () -> str: the latest resource figures (CPU %, network MB/s)
         self.total = total
         self.description = description
         self.progress = None
@@ -46,6 +47,8 @@ class StepProgress:
         stats = None
         if step % self.REFRESH_EVERY == 0 or step + 1 == self.total:
             stats = f"loss {loss.item():.3f}  {images / max(seconds, 1e-9):,.0f} img/s (this rank)"
+            if self.live is not None:
+                stats += f"  {self.live()}"
         if stats is None:
             self.progress.advance(self.task)
         else:

@@ -97,13 +97,18 @@ def broadcast_flag(value: bool, ranks: Ranks) -> bool:
     return bool(tensor.item())
 
 
+def gather(value, ranks: Ranks) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not ranks.distributed:
+        return [value]
+    values: list = [None] * ranks.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def gather_hosts(ranks: Ranks) -> list[str]:
     """The host name of every rank, in rank order: a multi-node run records all its machines."""
-    if not ranks.distributed:
-        return [socket.gethostname()]
-    names: list = [None] * ranks.world_size
-    dist.all_gather_object(names, socket.gethostname())
-    return names
+    return gather(socket.gethostname(), ranks)
 
 
 def barrier(ranks: Ranks) -> None:

@@ -115,16 +115,19 @@ class TrainInputs:
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's raw batches on the device (per-sample: already augmented by the workers)."""
         for images, labels in self.batches:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            x = self.normalise.to_unit(images)
-            if self.batched_augment is not None:
-                x = self.batched_augment(x)
-            x = self.normalise.standardise(x)
-            if self.mix is not None:
-                x, labels = self.mix(x, labels)
-            yield x, labels
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A raw batch -> model input and targets: batched augmentation, normalisation, MixUp/CutMix."""
+        x = self.normalise.to_unit(images)
+        if self.batched_augment is not None:
+            x = self.batched_augment(x)
+        x = self.normalise.standardise(x)
+        if self.mix is not None:
+            x, labels = self.mix(x, labels)
+        return x, labels
 
 
 def _identity(image: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distcnn import parallel
+from distcnn import comm, parallel
 from distcnn.augment import build_augment, build_batch_mix
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
@@ -28,11 +28,12 @@ from distcnn.errors import UsageError, WorkersFailed
 from distcnn.models import check_input_size, count_params, create_model, train_flops_per_image
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs
+from distcnn.telemetry.accounting import Accounting
 from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
 
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
-                         "rdzv_backend", "rdzv_id", "node_rank"}
+                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval"}
 
 
 def load_splits(config: TrainConfig) -> DataSplits:
@@ -122,11 +123,14 @@ def run(config: TrainConfig) -> dict | None:
 
 
 def train(config: TrainConfig, run_dir: Path) -> None:
-    """What every rank runs: set up its place in the job, train, and tear down."""
+    """What every rank runs: set up its place in the job, start its accounting, train, and tear down."""
     ranks = parallel.setup(config)
+    record = RunRecord(run_dir)
+    accounting = Accounting(config, record, ranks)
     try:
-        Trainer(config, RunRecord(run_dir), ranks).fit()
+        Trainer(config, record, ranks, accounting).fit()
     finally:
+        accounting.stop()
         parallel.teardown(ranks)
 
 
@@ -138,8 +142,8 @@ def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
 class Trainer:
     """One run on one rank: the model, its optimiser and schedule, and the epoch loop."""
 
-    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks):
-        self.config, self.record, self.ranks = config, record, ranks
+    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks, accounting: Accounting):
+        self.config, self.record, self.ranks, self.accounting = config, record, ranks, accounting
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.splits = load_splits(config)
         splits = self.splits
@@ -160,6 +164,7 @@ class Trainer:
         if ranks.distributed:
             ids = [ranks.device.index] if ranks.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            accounting.attach(self.ddp)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -201,12 +206,15 @@ class Trainer:
         while state["epoch"] < c.epochs and not self._should_stop():
             epoch = state["epoch"]
             train_loss, images, seconds = self._train_epoch(epoch)
+            accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
             val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) else None
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
                    "images_per_second": images / seconds, "train_seconds": seconds,
                    "epoch_seconds": seconds + time.perf_counter() - eval_start,
-                   "lr": self.optimizer.param_groups[0]["lr"]}
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
+                   } | accounting
             state["history"].append(row)
             state["epoch"] = epoch + 1
             state["train_seconds"] += seconds
@@ -232,19 +240,30 @@ class Trainer:
         self.ddp.train()
         loss_sum = torch.zeros((), device=self.ranks.device)
         images = 0
-        progress = StepProgress(self.ranks, f"epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch)
+        progress = StepProgress(self.ranks, f"epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch,
+                                self.accounting.live)
+        timer = self.accounting.timer
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accounting.begin_epoch(epoch)  # the timer's first phase starts here
         self._sync()
         start = time.perf_counter()
         with progress:
-            for step, (x, targets) in enumerate(self.inputs):
+            for step, (raw_images, raw_labels) in enumerate(self.inputs):
+                timer.mark("data_wait")
+                x, targets = self.inputs.prepare(raw_images, raw_labels)
+                timer.mark("augmentation")
                 loss = self.criterion(self.ddp(x), targets)
-                self.optimizer.zero_grad(set_to_none=True)
+                timer.mark("forward")
                 loss.backward()
+                timer.mark("backward")
                 self.optimizer.step()
                 self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * x.shape[0]
                 images += x.shape[0]
                 progress.advance(step, loss, images, time.perf_counter() - start)
+                timer.mark("optimizer")
+                self.accounting.end_step()
             self._sync()
             seconds = time.perf_counter() - start
         total_loss, total_images = parallel.all_reduce_sum([loss_sum.item(), float(images)], self.ranks)
@@ -302,11 +321,15 @@ class Trainer:
             "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
             "params": self.params,
             "train_flops_per_image": self.flops_per_image,
+            "achieved_flops_per_s": (self.flops_per_image * state["images_seen"] / self.ranks.world_size
+                                     / state["train_seconds"]) if state["train_seconds"] else None,
+            "gradient_bytes": comm.gradient_bytes(self.model),
             "train_images": len(self.splits.train),
             "val_images": len(self.splits.val),
             "test_images": len(self.splits.test),
             "resumed_at_epochs": state["resumed_at"],
-        }
+            "telemetry": self.config.telemetry,
+        } | self.accounting.summary(state["history"])
         if self.ranks.is_main:
             self.record.write_summary(summary)
             say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "

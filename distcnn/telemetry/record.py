@@ -42,6 +42,7 @@ def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run record is meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
