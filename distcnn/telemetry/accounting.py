@@ -52,7 +52,9 @@ class Accounting:
         self.counter: comm.ByteCounter | None = None
         self.ddp = None
         if self.enabled:
-            cuda = ranks.device.index if ranks.device.type == "cuda" else None
+            # A GPU shared by several local ranks is read by the first of them only: energy counted once.
+            shared = ranks.device.type == "cuda" and ranks.local_rank >= torch.cuda.device_count()
+            cuda = ranks.device.index if ranks.device.type == "cuda" and not shared else None
             interfaces = run_interfaces(os.environ.get("MASTER_ADDR"), ranks.local_world_size, ranks.world_size)
             self.sampler = ResourceSampler(
                 telemetry_dir(record) / f"rank{ranks.rank}.csv", config.sample_interval, rank=ranks.rank,
@@ -63,7 +65,7 @@ class Accounting:
         """Register the run's comm hook (counted when accounting is on) and DDP's own timers."""
         self.counter = comm.register(ddp, self.config.comm_hook, count=self.enabled,
                                      powersgd_rank=self.config.powersgd_rank)
-        if self.enabled:
+        if self.enabled and hasattr(ddp, "_get_ddp_logging_data"):  # a private API: absent means no DDP times
             ddp._set_ddp_runtime_logging_sample_rate(DDP_SAMPLE_EVERY)
             self.ddp = ddp
 

@@ -174,6 +174,7 @@ class ResourceSampler:
         return self.rows[-1] if self.rows else {}
 
     def start(self) -> "ResourceSampler":
+        self.stopped.clear()
         self.thread = threading.Thread(target=self._loop, name="distcnn-sampler", daemon=True)
         self.thread.start()
         return self
