@@ -76,6 +76,7 @@ def measure(args, world: int) -> dict:
                 seconds[mode].append(elapsed)
     steps = trainers["on"].steps_per_epoch
     components = component_costs(accountings["on"], trainers["on"], args.interval)
+    components["hook_ratio"] = hook_cost(trainers, accountings["on"])
     parallel.teardown(ranks)
     return {"world": world, "steps": steps, "seconds": seconds, "components": components}
 
@@ -103,6 +104,30 @@ def component_costs(accounting: Accounting, trainer: Trainer, interval: float) -
     if trainer.ddp is not trainer.model:
         costs["ddp_log_s_per_step"] = per_call(trainer.ddp._get_ddp_logging_data, 200) / DDP_SAMPLE_EVERY
     return costs
+
+
+def hook_cost(trainers: dict, accounting: Accounting, pairs: int = 150) -> float | None:
+    """Forward + backward with the counting hook over the same without it (DDP's built-in allreduce),
+    alternating step by step on one batch: the median ratio of the pairs."""
+    on, off = trainers["on"], trainers["off"]
+    if on.ddp is on.model:
+        return None
+    images, labels = next(iter(on.inputs))
+    x, y = on.inputs.prepare(images, labels)
+    ratios = []
+    for pair in range(pairs + 5):
+        seconds = {}
+        for mode in (("on", "off") if pair % 2 else ("off", "on")):
+            trainer = trainers[mode]
+            start = time.perf_counter()
+            trainer.criterion(trainer.ddp(x), y).backward()
+            seconds[mode] = time.perf_counter() - start
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if mode == "on":
+                accounting.counter.take()
+        if pair >= 5:  # warm-up pairs are not counted
+            ratios.append(seconds["on"] / seconds["off"])
+    return statistics.median(ratios)
 
 
 def relaunch_under_torchrun(args, world: int, result: Path) -> None:
@@ -167,16 +192,17 @@ def main() -> None:
     console.print(table)
     parts = Table(title="accounting's parts timed alone, as a share of the step (or of the sample interval)")
     for column in ("ranks", "step s (median)", "step timers µs/step", "DDP timer reads µs/step",
-                   "sampler ms/sample", "estimated on/off"):
+                   "sampler ms/sample", "fwd+bwd counting hook / built-in", "estimated on/off"):
         parts.add_column(column, justify="right")
     for world, figures in results.items():
         c = figures["components"]
         step = statistics.median(figures["seconds"]["off"]) / figures["steps"]
         per_step = c["timer_s_per_step"] + (c["ddp_log_s_per_step"] or 0.0)
-        estimate = 1 + per_step / step + (c["sample_s"] or 0.0) / c["interval_s"]
+        estimate = (c["hook_ratio"] or 1.0) + per_step / step + (c["sample_s"] or 0.0) / c["interval_s"]
         ddp = f"{c['ddp_log_s_per_step'] * 1e6:.1f}" if c["ddp_log_s_per_step"] is not None else "-"
+        hook = f"{c['hook_ratio']:.4f}" if c["hook_ratio"] is not None else "-"
         parts.add_row(str(world), f"{step:.4f}", f"{c['timer_s_per_step'] * 1e6:.1f}", ddp,
-                      f"{c['sample_s'] * 1e3:.3f}", f"{estimate:.4f} (estimate)")
+                      f"{c['sample_s'] * 1e3:.3f}", hook, f"{estimate:.4f} (estimate)")
     console.print(parts)
 
 if __name__ == "__main__":
