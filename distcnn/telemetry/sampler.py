@@ -216,12 +216,12 @@ class ResourceSampler:
         if self.host_level:
             interfaces = {}
             for interface in self.interfaces:
-                rx_b, tx_b, rx_p, tx_p = (total(rows, c) for c in interface_columns(interface))
+                rx_b, tx_b, rx_p, tx_p = (count(rows, c) for c in interface_columns(interface))
                 interfaces[interface] = {"rx_bytes": rx_b, "tx_bytes": tx_b, "rx_packets": rx_p, "tx_packets": tx_p}
             figures |= {
                 "net_interfaces": self.run_interfaces,
-                "net_bytes_total": total(rows, "net_bytes_per_s"),
-                "net_packets_total": total(rows, "net_packets_per_s"),
+                "net_bytes_total": count(rows, "net_bytes_per_s"),
+                "net_packets_total": count(rows, "net_packets_per_s"),
                 "net_bytes_per_s_mean": time_weighted_mean(rows, "net_bytes_per_s"),
                 "net_packets_per_s_mean": time_weighted_mean(rows, "net_packets_per_s"),
                 "interfaces": interfaces,
@@ -244,6 +244,12 @@ def total(rows: list[dict], column: str, scale: float = 1.0) -> float | None:
     """The integral of a rate over the intervals: bytes from bytes/s, CPU seconds from CPU %."""
     rows = _present(rows, column)
     return sum(r[column] * r["interval_s"] for r in rows) * scale if rows else None
+
+
+def count(rows: list[dict], column: str) -> int | None:
+    """A total of whole things (bytes, packets): the integer the counters' differences summed to."""
+    value = total(rows, column)
+    return round(value) if value is not None else None
 
 
 def plain_sum(rows: list[dict], column: str) -> float | None:
