@@ -1,4 +1,4 @@
-"""The command line: `distcnn train`, `distcnn models`, `distcnn datasets`, `distcnn show`.
+"""The command line: `distcnn train`, `models`, `datasets`, `show`, `study`, `analyze`, `report`.
 
 `train`'s flags are generated from TrainConfig's fields, so a new option needs no CLI code. A user mistake
 prints one line `distcnn: error: …` and exits 2; nothing below this module imports it.
@@ -70,6 +70,14 @@ def build_parser() -> Parser:
     models.add_argument("--num-classes", type=int, default=10)
     models.add_argument("--width", type=float, default=1.0)
 
+    study = commands.add_parser("study", help="run a factorial study (without FILE: the built-in cost study)",
+                                description="Run every configuration × replicate of a study file; run it "
+                                            "again to resume. Without FILE: the built-in cost study.")
+    study.add_argument("file", nargs="?", default=None, metavar="FILE.toml")
+    study.add_argument("--out", default=None, help="study directory (default: runs/study-<name>)")
+    study.add_argument("--retries", type=int, default=1, help="re-runs of a failed run (default: 1)")
+    study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
     commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
 
     show = commands.add_parser("show", help="print a run's summary and draw its resource time series to a PNG")
@@ -112,6 +120,35 @@ def command_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distcnn.study.runner import StudyRunner
+    from distcnn.study.spec import load_spec
+
+    if args.retries < 0:
+        raise UsageError(f"--retries must be 0 or more, got {args.retries}")
+    spec = load_spec(args.file)
+    out = Path(args.out or f"runs/study-{spec.name}")
+    runner = StudyRunner(spec, out, args.retries)
+    try:
+        runs = runner.run()
+    finally:
+        runner.close()
+    done = sum(run["status"] == "done" for run in runs)
+    failed = [run for run in runs if run["status"] == "failed"]
+    print(f"study {spec.name}: {done}/{len(runs)} runs done" + (f", {len(failed)} failed" if failed else "")
+          + f" — {out / 'study.db'}")
+    for run in failed:
+        print(f"  failed {run['run_id']}: {run['error']}")
+    if not args.no_report and done:
+        from distcnn.study.report import write_report
+
+        html, _ = write_report(out)
+        print(f"report: {html}")
+    return 0 if not failed else 1
+
+
 def command_datasets() -> int:
     from distcnn.data import DATA_KINDS, load_data
 
@@ -141,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_train(options)
         if args.command == "models":
             return command_models(args)
+        if args.command == "study":
+            return command_study(args)
         if args.command == "show":
             return command_show(args)
         return command_datasets()

@@ -1,0 +1,166 @@
+"""The study database, DIR/study.db: one row per configuration × replicate, committed atomically.
+
+    study(key, value)      the study as run (JSON), so a resumed study is checked against it
+    runs(run_id, ...)      levels, seed, order, status (pending | running | done | failed), attempts, times,
+                           the summary figures and the path of the run record
+
+A run becomes `done` in one transaction together with its summary, and only if it was not done already:
+running the study again skips it, and nothing is ever recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from distcnn.errors import UsageError
+from distcnn.telemetry.steps import PHASES
+
+DATABASE = "study.db"
+STATUSES = ("pending", "running", "done", "failed")
+
+# Summary figures a study can take as responses (numbers; the step breakdown flattened as step_<phase>_s).
+KNOWN_RESPONSES = (
+    "test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second", "params",
+    "train_flops_per_image", "achieved_flops_per_s", "cpu_percent_mean", "process_cpu_percent_mean",
+    "cpu_seconds_total", "mem_percent_mean", "rss_peak_bytes", "gpu_util_percent_mean", "gpu_memory_peak_bytes",
+    "net_packets_per_s_mean", "net_bytes_per_s_mean", "net_bytes_total", "energy_joules", "comm_bytes_per_step",
+    "comm_bytes_total", "ddp_comm_seconds_mean", "ddp_overlap_seconds_mean", "ddp_backward_compute_seconds_mean",
+    *(f"step_{phase}_s" for phase in (*PHASES, "step")),
+)
+
+
+def is_known_response(name: str) -> bool:
+    return name in KNOWN_RESPONSES
+
+
+def flatten_summary(summary: dict) -> dict[str, Any]:
+    """The scalar figures of a summary, with the step breakdown as step_<phase>_s columns."""
+    flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    for phase, seconds in (summary.get("step_time_breakdown") or {}).items():
+        flat[f"step_{phase}_s"] = seconds
+    return flat
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS study (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config_index INTEGER NOT NULL,
+    replicate INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    run_order INTEGER NOT NULL,
+    levels TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,
+    finished_at REAL,
+    seconds REAL,
+    run_dir TEXT,
+    error TEXT,
+    summary TEXT
+);
+"""
+
+
+class StudyStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions below
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _write(self, sql: str, parameters=()) -> int:
+        with self.db:  # one transaction: committed whole or not at all
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db.execute(sql, parameters).rowcount
+
+    def begin(self, spec: dict, planned: list[dict]) -> None:
+        """Record the study and its runs; a study directory already holding another study is refused."""
+        row = self.db.execute("SELECT value FROM study WHERE key = 'spec'").fetchone()
+        if row is not None:
+            saved = json.loads(row[0])
+            if {k: v for k, v in saved.items() if k != "name"} != {k: v for k, v in spec.items() if k != "name"}:
+                raise UsageError(f"{self.path.parent} holds another study (other options, factors or replicates); "
+                                 f"choose another --out")
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO study VALUES ('spec', ?)", (json.dumps(spec),))
+            self.db.executemany(
+                "INSERT INTO runs (run_id, config_index, replicate, seed, run_order, levels) VALUES (?, ?, ?, ?, ?, ?)",
+                [(p["run_id"], p["config_index"], p["replicate"], p["seed"], p["run_order"], json.dumps(p["levels"]))
+                 for p in planned])
+
+    def runs(self) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY run_order").fetchall()
+        return [_as_dict(row) for row in rows]
+
+    def to_run(self, max_attempts: int) -> list[dict]:
+        """Runs not done yet, in the study's run order, that have attempts left."""
+        return [r for r in self.runs() if r["status"] != "done" and r["attempts"] < max_attempts]
+
+    def start(self, run_id: str, run_dir: Path) -> None:
+        self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, run_dir = ?, "
+                    "error = NULL WHERE run_id = ? AND status != 'done'", (time.time(), str(run_dir), run_id))
+
+    def finish(self, run_id: str, summary: dict, seconds: float) -> bool:
+        """Mark done with its summary — once: False when it was already done."""
+        return self._write("UPDATE runs SET status = 'done', finished_at = ?, seconds = ?, summary = ? "
+                           "WHERE run_id = ? AND status != 'done'",
+                           (time.time(), seconds, json.dumps(summary), run_id)) == 1
+
+    def fail(self, run_id: str, error: str, seconds: float) -> None:
+        self._write("UPDATE runs SET status = 'failed', finished_at = ?, seconds = ?, error = ? "
+                    "WHERE run_id = ? AND status != 'done'", (time.time(), seconds, error, run_id))
+
+    def spec(self) -> dict:
+        row = self.db.execute("SELECT value FROM study WHERE key = 'spec'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+
+def _as_dict(row: sqlite3.Row) -> dict:
+    record = dict(row)
+    record["levels"] = json.loads(record["levels"])
+    record["summary"] = json.loads(record["summary"]) if record["summary"] else None
+    return record
+
+
+def option_name(field_name: str) -> str:
+    """A factor as people write it (`train-subset`), in the table, the analysis and the report."""
+    return field_name.replace("_", "-")
+
+
+def open_study(study_dir: str | Path) -> StudyStore:
+    path = Path(study_dir) / DATABASE
+    if not path.exists():
+        raise UsageError(f"not a study directory: no {DATABASE} in {study_dir}")
+    return StudyStore(path)
+
+
+def load_runs_table(study_dir: str | Path) -> tuple[list[dict], dict[str, list]]:
+    """The finished runs as flat rows (factor levels, replicate, seed, run_id, summary figures) and each
+    factor's levels in the order of the study file — what the analysis and the report read."""
+    store = open_study(study_dir)
+    try:
+        spec = store.spec()
+        rows = []
+        for run in store.runs():
+            if run["status"] != "done":
+                continue
+            row = flatten_summary(run["summary"] or {})
+            row.update({option_name(name): level for name, level in run["levels"].items()})
+            row.update(run_id=run["run_id"], replicate=run["replicate"], seed=run["seed"],
+                       run_dir=run["run_dir"], run_seconds=run["seconds"])
+            rows.append(row)
+        return rows, {option_name(name): levels for name, levels in spec.get("factors", {}).items()}
+    finally:
+        store.close()
