@@ -1,11 +1,12 @@
-# Two commands on a fresh machine: `make demo` (set up, then run the main job) and `make test`.
+# Two commands on a fresh machine: `make demo` (set up, then run the main job: the built-in cost study and
+# its report) and `make test`.
 # Both are idempotent; the second time, setup is skipped unless requirements.txt or pyproject.toml changed.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distcnn-installed
-DEMO_ARGS ?= --model simplecnn --policy paper --nproc-per-node 2 --epochs 2 --train-subset 10000
+STUDY ?=  # a study file; empty: the built-in cost study
 
 .PHONY: setup data demo test bench clean
 
@@ -21,7 +22,7 @@ data:
 	@bash scripts/ensure-fashion-mnist.sh
 
 demo: setup data
-	$(PY) -m distcnn train $(DEMO_ARGS)
+	$(PY) -m distcnn study $(STUDY)
 
 test: setup data
 	$(PY) -m pytest -q

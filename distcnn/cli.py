@@ -78,6 +78,17 @@ def build_parser() -> Parser:
     study.add_argument("--retries", type=int, default=1, help="re-runs of a failed run (default: 1)")
     study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
+    analyze = commands.add_parser("analyze", help="allocation of variation / ANOVA of a study or a CSV table",
+                                  description="Which factor explains how much of each response: 2^k r "
+                                              "allocation of variation, or ANOVA for more levels.")
+    analyze.add_argument("source", metavar="SOURCE", help="a study directory, or a CSV/Parquet file, one row per run")
+    analyze.add_argument("--factors", required=True, metavar="A,B", help="comma-separated factor columns")
+    analyze.add_argument("--responses", required=True, metavar="X,Y", help="comma-separated numeric response columns")
+    analyze.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals (default: 0.05)")
+    analyze.add_argument("--json", action="store_true", help="print the result as JSON, and nothing else")
+    report = commands.add_parser("report", help="write a study's report (report.html and report.md)")
+    report.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
+
     commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
 
     show = commands.add_parser("show", help="print a run's summary and draw its resource time series to a PNG")
@@ -141,12 +152,28 @@ def command_study(args: argparse.Namespace) -> int:
           + f" — {out / 'study.db'}")
     for run in failed:
         print(f"  failed {run['run_id']}: {run['error']}")
+    if done >= 2:
+        print_study_analysis(out, spec)
     if not args.no_report and done:
         from distcnn.study.report import write_report
 
         html, _ = write_report(out)
         print(f"report: {html}")
     return 0 if not failed else 1
+
+
+def print_study_analysis(out, spec) -> None:
+    """The allocation of variation of every response that has figures (a GPU figure on a CPU has none)."""
+    from distcnn.study.analysis import analyze, load_source, print_result
+    from distcnn.study.store import option_name
+
+    table, order = load_source(out)
+    responses = [r for r in spec.responses if r in table and table[r].notna().sum() >= 2]
+    factors = [option_name(name) for name in spec.factors]
+    try:
+        print_result(analyze(table, factors, responses, order), 0.05)
+    except UsageError as error:  # e.g. a factor whose runs all failed: the study itself is still recorded
+        print(f"no analysis: {error}")
 
 
 def command_datasets() -> int:
@@ -180,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             return command_models(args)
         if args.command == "study":
             return command_study(args)
+        if args.command == "analyze":
+            from distcnn.study.analysis import command_analyze
+
+            return command_analyze(args)
+        if args.command == "report":
+            from distcnn.study.report import command_report
+
+            return command_report(args)
         if args.command == "show":
             return command_show(args)
         return command_datasets()
