@@ -1,0 +1,165 @@
+"""The study report: a real tiny 2^2 2 study run through the CLI, then its report read the way a person would:
+every section there, every plot inline, the Markdown's images on disk, the shares adding up."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import shutil
+import sqlite3
+
+import pytest
+from conftest import run_cli
+
+from distcnn.errors import UsageError
+from distcnn.study.report import configuration_label, write_report
+
+STUDY = """
+[base]
+data = "synthetic:n=300"
+epochs = 1
+batch-size = 32
+sample-interval = 0.1
+[factors]
+policy = ["none", "flip-crop"]
+model = ["lenet", "simplecnn"]
+[study]
+replicates = 2
+design = "2k"
+responses = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
+"""
+FACTORS = {"policy": ["none", "flip-crop"], "model": ["lenet", "simplecnn"]}
+RESPONSES = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
+SECTIONS = ["means", "allocation of variation", "main effects", "interactions", "resources", "pareto", "environment"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    (folder / "tiny.toml").write_text(STUDY)
+    out = folder / "out"
+    result = run_cli("study", str(folder / "tiny.toml"), "--out", str(out), "--no-report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(study):
+    html_path, md_path = write_report(study)
+    return html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+def configuration_labels() -> list[str]:
+    return [configuration_label({"policy": policy, "model": model}, list(FACTORS))
+            for policy in FACTORS["policy"] for model in FACTORS["model"]]
+
+
+def markdown_table(markdown: str, heading: str) -> list[list[str]]:
+    """The first table after `heading`, as rows of cells without escapes (header first, --- line left out)."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+    return [[cell.strip().replace("\\", "") for cell in line.strip("|").split(" | ")]
+            for line in table if not line.startswith("| ---")]
+
+
+def test_both_files_are_written_where_promised(study, report):
+    assert (study / "report.html").is_file() and (study / "report.md").is_file()
+    assert not list(study.glob(".report*")) and not list((study / "report_files").glob(".*"))  # no temp files left
+
+
+def test_html_has_every_section_configuration_and_response(report):
+    page = report[0].lower()
+    for section in SECTIONS:
+        assert re.search(rf"<h[1-3]>[^<]*{section}", page), section
+    for label in configuration_labels():
+        assert label.lower() in page
+    for response in RESPONSES:
+        assert response in page
+
+
+def test_html_is_self_contained_with_real_inline_plots(report):
+    page = report[0]
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 4
+    for data in images:
+        png = base64.b64decode(data)
+        assert png.startswith(PNG) and len(png) > 5000
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert len(re.findall("<img", page)) == len(images)  # no image from anywhere else
+
+
+def test_markdown_links_only_plots_that_exist(study, report):
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report[1])
+    assert len(links) >= 4
+    for link in links:
+        assert link.startswith("report_files/") and (study / link).read_bytes().startswith(PNG)
+    assert "data:image" not in report[1]
+
+
+def test_allocation_of_variation_adds_up_to_100_and_marks_the_largest(report):
+    header, *rows = markdown_table(report[1], "## Allocation of variation")
+    assert header[1:] == RESPONSES
+    assert [row[0] for row in rows] == ["policy", "model", "policy:model", "error"]
+    for column, response in enumerate(RESPONSES, start=1):
+        cells = [row[column] for row in rows]
+        if response != "test_accuracy" and set(cells) == {"n/a"}:
+            assert f"{response}: every run measured the same value" in report[1].replace("\\", "")
+            continue  # a saturated CPU reads 100 % in every run: no variation to share out
+        assert sum(float(cell.strip("*")) for cell in cells) == pytest.approx(100, abs=0.3)
+        largest = max(cells, key=lambda cell: float(cell.strip("*")))
+        assert largest.startswith("**") and sum(cell.startswith("**") for cell in cells) == cells.count(largest)
+
+
+def test_means_table_has_a_row_per_configuration(report):
+    header, *rows = markdown_table(report[1], "## Means per configuration")
+    assert header == ["policy", "model", "runs", *RESPONSES]
+    assert [(row[0], row[1]) for row in rows] == [(p, m) for p in FACTORS["policy"] for m in FACTORS["model"]]
+    assert all(row[2] == "2" and "±" in row[3] for row in rows)
+    assert all(re.fullmatch(r"0\.\d{4} ± \d\.\d{4}", row[3]) for row in rows)  # accuracies to 4 decimals
+
+
+def test_failed_runs_and_responses_without_numbers_are_reported_not_fatal(study, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report*"))
+    with sqlite3.connect(copy / "study.db") as db:
+        db.execute("UPDATE runs SET status = 'failed', error = '<b>boom</b> & out of memory' WHERE run_id = 'c00-r1'")
+        spec = json.loads(db.execute("SELECT value FROM study WHERE key = 'spec'").fetchone()[0])
+        spec["responses"].append("ddp_comm_seconds_mean")  # None on one process: no number to analyse
+        db.execute("UPDATE study SET value = ? WHERE key = 'spec'", (json.dumps(spec),))
+    page = write_report(copy)[0].read_text(encoding="utf-8")
+    assert "Failed runs" in page and "&lt;b&gt;boom&lt;/b&gt; &amp; out of memory" in page and "<b>boom" not in page
+    assert "ddp_comm_seconds_mean: skipped" in page
+    assert "7 done, 1 failed" in page
+
+
+def test_a_directory_without_study_db_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="study.db"):
+        write_report(tmp_path)
+
+
+def test_a_study_without_finished_runs_is_a_usage_error(study, tmp_path):
+    copy = tmp_path / "pending"
+    copy.mkdir()
+    shutil.copy(study / "study.db", copy / "study.db")
+    with sqlite3.connect(copy / "study.db") as db:
+        db.execute("UPDATE runs SET status = 'pending', summary = NULL")
+    with pytest.raises(UsageError, match="no finished run in .* yet"):
+        write_report(copy)
+
+
+def _cli_has_report() -> bool:
+    from distcnn.cli import build_parser
+
+    return "report" in build_parser().format_help()
+
+
+@pytest.mark.skipif(not _cli_has_report(), reason="`distcnn report` not wired into the CLI yet")
+def test_the_cli_writes_the_report(study):
+    result = run_cli("report", str(study))
+    assert result.returncode == 0, result.stderr
+    assert str(study / "report.html") in result.stdout and str(study / "report.md") in result.stdout
