@@ -63,6 +63,20 @@ class TrainConfig(BaseModel):
     max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
     threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present")
+    # domain decomposition (CNN-DNN)
+    strategy: Literal["ddp", "dd"] = Field("ddp", description="ddp: one model, data-parallel; dd: a CNN-DNN of "
+                                           "local CNNs on subimages (see --grid, --dd-mode)")
+    grid: str = Field("2x2", description="dd: subdomains PxQ of each image")
+    overlap: int = Field(0, ge=0, description="dd: pixels neighbouring subimages share")
+    aggregator: Literal["dnn", "mean", "vote", "all"] = Field(
+        "all", description="dd: what combines the local probabilities (all: score the three, report dnn)")
+    aggregator_hidden: str = Field("64", description="dd: hidden layer sizes of the dense aggregator, e.g. 64,32")
+    dd_mode: Literal["independent", "coherent", "transfer"] = Field(
+        "independent", description="dd: local CNNs trained apart then aggregated; as one model; or one model "
+                                   "started from an independent run's local CNNs (--init-from)")
+    local_width: float | None = Field(None, gt=0, description="dd: width of each local CNN (default: width × "
+                                      "sqrt(subimage share of the image))")
+    init_from: str | None = Field(None, description="dd transfer: the independent run whose local CNNs start it")
     # accounting
     telemetry: Literal["on", "off"] = Field(
         "on", description="resource sampling, step timers and byte counting (off only to measure their cost)")

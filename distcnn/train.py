@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import comm, parallel
+from distcnn.decomposition import strategy as decomposition
 from distcnn.augment import build_augment, build_batch_mix
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
@@ -58,6 +59,8 @@ def validate(config: TrainConfig) -> DataSplits:
     build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
     check_input_size(model, splits.channels, splits.image_size, config.model)
+    if config.strategy == "dd":
+        decomposition.validate(config, splits)
     world = config.nproc_per_node * config.nnodes
     if len(splits.train) < 2 * world:
         raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
@@ -126,9 +129,23 @@ def train(config: TrainConfig, run_dir: Path) -> None:
     """What every rank runs: set up its place in the job, start its accounting, train, and tear down."""
     ranks = parallel.setup(config)
     record = RunRecord(run_dir)
+    if config.strategy == "dd" and config.dd_mode == "independent":
+        try:
+            decomposition.train_independent(config, record, ranks, load_splits(config), Trainer)
+        finally:
+            parallel.teardown(ranks)
+        return
     accounting = Accounting(config, record, ranks)
     try:
-        Trainer(config, record, ranks, accounting).fit()
+        if config.strategy == "dd":  # coherent or transfer: the whole CNN-DNN is the model
+            if config.dd_mode == "transfer":
+                config = decomposition.transfer_start(config, record, ranks, Trainer)
+            trainer = Trainer(config, record, ranks, accounting,
+                              build_model=lambda splits: decomposition.coherent_model(config, splits))
+            trainer.summary_extra = lambda summary: decomposition.coherent_extra(config, trainer.model, summary)
+            trainer.fit()
+        else:
+            Trainer(config, record, ranks, accounting).fit()
     finally:
         accounting.stop()
         parallel.teardown(ranks)
@@ -142,14 +159,21 @@ def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
 class Trainer:
     """One run on one rank: the model, its optimiser and schedule, and the epoch loop."""
 
-    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks, accounting: Accounting):
+    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks, accounting: Accounting,
+                 build_model=None, splits: DataSplits | None = None):
+        """`build_model(splits) -> nn.Module` replaces the config's model (a local CNN, a CNN-DNN): any
+        network that takes whole images trains through the same loop."""
         self.config, self.record, self.ranks, self.accounting = config, record, ranks, accounting
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.splits = load_splits(config)
+        self.splits = splits if splits is not None else load_splits(config)
         splits = self.splits
-        self.model = create_model(
-            config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width
-        ).to(ranks.device)
+        if build_model is None:
+            model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes,
+                                 width=config.width)
+        else:
+            model = build_model(splits)
+        self.model = model.to(ranks.device)
+        self.summary_extra = lambda summary: {}  # what a strategy adds to the summary
         self.params = count_params(self.model)
         self.flops_per_image = train_flops_per_image(self.model, splits.channels, splits.image_size)
         self.inputs = TrainInputs(splits, config, ranks)
@@ -330,6 +354,7 @@ class Trainer:
             "resumed_at_epochs": state["resumed_at"],
             "telemetry": self.config.telemetry,
         } | self.accounting.summary(state["history"])
+        summary |= self.summary_extra(summary)
         if self.ranks.is_main:
             self.record.write_summary(summary)
             say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "

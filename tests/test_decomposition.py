@@ -85,3 +85,74 @@ def test_the_dense_aggregator_learns_what_mean_and_vote_cannot():
     assert dnn > 0.95, "chance is 1/3"
     assert accuracy(mean_decision(probabilities[test]), labels[test]) < 0.6
     assert accuracy(vote_decision(probabilities[test]), labels[test]) < 0.6
+
+
+# ---- the dd strategy, end to end through the command line -------------------------------------------------
+
+import json  # noqa: E402
+
+from conftest import read_summary, run_cli  # noqa: E402
+
+DD = ("train", "--strategy", "dd", "--data", "synthetic:n=600", "--epochs", "2", "--batch-size", "32",
+      "--sample-interval", "0.1")
+
+
+@pytest.fixture(scope="module")
+def independent_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dd") / "independent"
+    result = run_cli(*DD, "--grid", "2x2", "--nproc-per-node", "2", "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, read_summary(out)
+
+
+def test_independent_local_cnns_exchange_no_gradient_bytes_and_every_aggregator_is_scored(independent_run):
+    out, summary = independent_run
+    assert summary["strategy"] == "dd" and summary["world_size"] == 2
+    assert summary["phases"]["local"]["comm_bytes"] == 0 and summary["comm_bytes_total"] == 0
+    assert len(summary["phases"]["local"]["seconds_per_rank"]) == 2, "both ranks trained local CNNs"
+    assert set(summary["aggregators"]) == {"dnn", "mean", "vote"}
+    assert summary["test_accuracy"] == summary["aggregators"]["dnn"]["test_accuracy"]
+    assert len(summary["local_test_accuracy"]) == 4 and all(a > 0.2 for a in summary["local_test_accuracy"])
+    assert summary["aggregators"]["dnn"]["test_accuracy"] > 0.5, "10 classes: chance is 0.1"
+    assert summary["params"] == sum(summary["local_params"])
+    for k in range(4):  # each local CNN has its own run record, trained alone: no DDP, nothing sent
+        local = read_summary(out / "local" / f"k{k:02d}")
+        assert local["world_size"] == 1 and local["comm_bytes_total"] == 0
+        assert (out / "local" / f"k{k:02d}" / "best.pt").exists()
+
+
+def test_coherent_and_transfer_train_the_whole_cnn_dnn(independent_run, tmp_path):
+    out, _ = independent_run
+    coherent = run_cli(*DD, "--grid", "2x2", "--dd-mode", "coherent", "--out", str(tmp_path / "c"))
+    assert coherent.returncode == 0, coherent.stderr
+    transfer = run_cli(*DD, "--grid", "2x2", "--dd-mode", "transfer", "--init-from", str(out),
+                       "--out", str(tmp_path / "t"))
+    assert transfer.returncode == 0, transfer.stderr
+    for name in ("c", "t"):
+        summary = read_summary(tmp_path / name)
+        assert set(summary["aggregators"]) == {"dnn"} and len(summary["local_params"]) == 4
+        assert summary["test_accuracy"] > 0.1
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["init_from"] == str(out)
+
+
+def test_transfer_without_a_starting_run_trains_both_phases_in_one_command(tmp_path):
+    result = run_cli(*DD, "--grid", "1x2", "--dd-mode", "transfer", "--out", str(tmp_path / "both"))
+    assert result.returncode == 0, result.stderr
+    first = read_summary(tmp_path / "both" / "independent")
+    summary = read_summary(tmp_path / "both")
+    assert first["dd_mode"] == "independent" and len(first["local_test_accuracy"]) == 2
+    assert summary["dd_mode"] == "transfer" and summary["phases"]["local"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--grid", "40x40"), "larger than the 28×28 image"),
+    (("--grid", "2x2", "--overlap", "14"), "as large as a subimage"),
+    (("--aggregator", "median"), "--aggregator"),
+    (("--dd-mode", "parallel"), "--dd-mode"),
+    (("--dd-mode", "transfer", "--init-from", "/nonexistent"), "no trained local CNN for subdomain(s) 0, 1, 2, 3"),
+    (("--grid", "1x2", "--nproc-per-node", "3"), "3 ranks for 2 subdomains"),
+])
+def test_bad_decomposition_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli(*DD, *args, "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -22,7 +22,8 @@ from distcnn.telemetry.steps import PHASES
 DATABASE = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
 
-# Summary figures a study can take as responses (numbers; the step breakdown flattened as step_<phase>_s).
+# Summary figures a study can take as responses (numbers; the step breakdown flattened as step_<phase>_s, a
+# CNN-DNN's aggregators as <aggregator>_test_accuracy).
 KNOWN_RESPONSES = (
     "test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second", "params",
     "train_flops_per_image", "achieved_flops_per_s", "cpu_percent_mean", "process_cpu_percent_mean",
@@ -30,6 +31,7 @@ KNOWN_RESPONSES = (
     "net_packets_per_s_mean", "net_bytes_per_s_mean", "net_bytes_total", "energy_joules", "comm_bytes_per_step",
     "comm_bytes_total", "ddp_comm_seconds_mean", "ddp_overlap_seconds_mean", "ddp_backward_compute_seconds_mean",
     *(f"step_{phase}_s" for phase in (*PHASES, "step")),
+    "dnn_test_accuracy", "mean_test_accuracy", "vote_test_accuracy", "local_phase_seconds",
 )
 
 
@@ -42,6 +44,11 @@ def flatten_summary(summary: dict) -> dict[str, Any]:
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     for phase, seconds in (summary.get("step_time_breakdown") or {}).items():
         flat[f"step_{phase}_s"] = seconds
+    for name, figures in (summary.get("aggregators") or {}).items():  # a CNN-DNN's dnn, mean and vote
+        flat[f"{name}_test_accuracy"] = figures.get("test_accuracy")
+    local = (summary.get("phases") or {}).get("local")
+    if local:
+        flat["local_phase_seconds"] = local.get("seconds")
     return flat
 
 

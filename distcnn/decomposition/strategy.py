@@ -1,0 +1,231 @@
+"""`--strategy dd`: a CNN-DNN trained on the ranks of a job, through the same training loop as every run.
+
+independent  local phase: the subdomains are dealt to the ranks round-robin; each rank trains its local
+             CNNs one after another as one-process runs (whole training set, no gradient communication), each
+             with its own run record in RUN_DIR/local/kNN/. Aggregator phase: every local CNN's class
+             probabilities on train, validation and test are gathered on rank 0, the dense aggregator is
+             trained on the frozen train-set probabilities, and dnn, mean and vote are scored on the test set.
+coherent     the local CNNs and the dense aggregator as one model, trained end to end, data-parallel (DDP).
+transfer     coherent, with the local CNNs initialised from an independent run: --init-from RUN_DIR, or
+             without it both phases in one run (the independent one in RUN_DIR/independent/).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from distcnn import parallel
+from distcnn.checkpoint import load_checkpoint
+from distcnn.config import TrainConfig
+from distcnn.data import DataSplits
+from distcnn.decomposition.aggregators import (accuracy, dense_decision, mean_decision, train_dense,
+                                               vote_decision)
+from distcnn.decomposition.models import CoherentCNNDNN, build_local
+from distcnn.decomposition.subimages import Grid, Layout
+from distcnn.errors import UsageError
+from distcnn.models import count_params
+from distcnn.parallel import Ranks
+from distcnn.pipeline import EvalInputs
+from distcnn.telemetry.accounting import Accounting
+from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
+
+LOCAL = "local"
+LOCAL_FIGURES = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "net_packets_per_s_mean")
+
+
+def layout_of(config: TrainConfig, splits: DataSplits) -> Layout:
+    return Grid.parse(config.grid, config.overlap).layout(splits.image_size, splits.image_size)
+
+
+def hidden_layers(config: TrainConfig) -> tuple[int, ...]:
+    """--aggregator-hidden '64,32' -> (64, 32); '' -> no hidden layer."""
+    return tuple(int(size) for size in config.aggregator_hidden.split(",") if size.strip())
+
+
+def local_record(run_dir: Path, index: int) -> RunRecord:
+    return RunRecord(Path(run_dir) / LOCAL / f"k{index:02d}")
+
+
+def subdomains_of(rank: int, world_size: int, count: int) -> list[int]:
+    """Round-robin: rank r trains subdomains r, r + N, r + 2N, … (balanced to within one)."""
+    return list(range(rank, count, world_size))
+
+
+def validate(config: TrainConfig, splits: DataSplits) -> None:
+    """The grid, the local CNN, the ranks and the starting point of transfer, before anything starts."""
+    layout = layout_of(config, splits)
+    build_local(config.model, splits.channels, splits.num_classes, layout, 0, config.width, config.local_width)
+    world = config.nproc_per_node * config.nnodes
+    count = Grid.parse(config.grid).count
+    if config.dd_mode in ("independent", "transfer") and not config.init_from and world > count:
+        raise UsageError(f"{world} ranks for {count} subdomains ({config.grid}): independent training gives each "
+                         f"rank whole local CNNs; use at most {count} ranks, or a finer --grid")
+    if config.dd_mode == "transfer" and config.init_from:
+        missing = [k for k in range(count) if not _weights(local_record(Path(config.init_from), k))]
+        if missing:
+            raise UsageError(f"--init-from {config.init_from}: no trained local CNN for subdomain(s) "
+                             f"{', '.join(map(str, missing))} of grid {config.grid}")
+    elif config.init_from:
+        raise UsageError("--init-from is for --dd-mode transfer")
+
+
+def _weights(record: RunRecord) -> Path | None:
+    for name in (BEST, CHECKPOINT):
+        if record.path(name).exists():
+            return record.path(name)
+    return None
+
+
+def solo(ranks: Ranks) -> Ranks:
+    """This process as a job of its own: a local CNN trains without talking to the other ranks."""
+    return Ranks(0, 0, 1, 1, ranks.device, None)
+
+
+def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, trainer_class):
+    layout = layout_of(config, splits)
+    count = len(layout.boxes)
+    started = time.perf_counter()
+    for index in subdomains_of(ranks.rank, ranks.world_size, count):
+        sub = local_record(record.dir, index)
+        if sub.finished:
+            continue
+        sub.dir.mkdir(parents=True, exist_ok=True)
+        sub.write_config(config.model_dump() | {"subdomain": index})
+        accounting = Accounting(config, sub, Ranks(0, ranks.local_rank, 1, 1, ranks.device, None))
+        try:
+            build = lambda s, k=index: build_local(config.model, s.channels, s.num_classes, layout, k,  # noqa: E731
+                                                  config.width, config.local_width)
+            trainer_class(config, sub, solo(ranks), accounting, build_model=build, splits=splits).fit()
+        finally:
+            accounting.stop()
+    local_seconds = time.perf_counter() - started
+    mine = {index: _probabilities(config, record, splits, layout, index, ranks)
+            for index in subdomains_of(ranks.rank, ranks.world_size, count)}
+    training = sum(local_record(record.dir, k).read_summary()["train_seconds"]
+                   for k in subdomains_of(ranks.rank, ranks.world_size, count))
+    everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine}, ranks)
+    hosts = parallel.gather_hosts(ranks)
+    if ranks.is_main:
+        record.write_environment(describe_environment(ranks.world_size, ranks.local_world_size,
+                                                      torch.get_num_threads(), str(ranks.device),
+                                                      ranks.backend or "none") | {"hosts": hosts})
+        _aggregate(config, record, splits, layout, everyone)
+    parallel.barrier(ranks)
+
+
+@torch.no_grad()
+def _probabilities(config, record, splits, layout, index, ranks) -> dict[str, torch.Tensor]:
+    """Local CNN `index`'s class probabilities on every split (its best validation weights)."""
+    sub = local_record(record.dir, index)
+    model = build_local(config.model, splits.channels, splits.num_classes, layout, index, config.width,
+                        config.local_width).to(ranks.device)
+    model.load_state_dict(load_checkpoint(_weights(sub), solo(ranks))["model"])
+    model.eval()
+    result = {}
+    for name in ("train", "val", "test"):
+        images = getattr(splits, name)
+        batches = EvalInputs(images, splits.mean, splits.std, max(256, config.batch_size), solo(ranks))
+        parts = [model(x).softmax(dim=1).cpu() for x, _ in batches]
+        result[name] = torch.cat(parts) if parts else torch.empty(0, splits.num_classes)
+    return result
+
+
+def _aggregate(config: TrainConfig, record: RunRecord, splits: DataSplits, layout: Layout, everyone: list) -> None:
+    """Rank 0: train the dense aggregator on frozen train probabilities, score every aggregator, write the summary."""
+    count = len(layout.boxes)
+    by_index = {k: p for rank in everyone for k, p in rank["probabilities"].items()}
+    stacked = {name: torch.stack([by_index[k][name] for k in range(count)], dim=1) for name in ("train", "val", "test")}
+    started = time.perf_counter()
+    chosen = ("dnn", "mean", "vote") if config.aggregator == "all" else (config.aggregator,)
+    labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
+    aggregators = {}
+    if "dnn" in chosen:
+        dense = train_dense(stacked["train"], labels["train"], hidden_layers(config), seed=config.seed)
+        aggregators["dnn"] = {"test_accuracy": accuracy(dense_decision(dense, stacked["test"]), labels["test"]),
+                              "params": count_params(dense)}
+        torch.save({"model": dense.state_dict()}, record.path("aggregator.pt"))
+    for name, decide in (("mean", mean_decision), ("vote", vote_decision)):
+        if name in chosen:
+            aggregators[name] = {"test_accuracy": accuracy(decide(stacked["test"]), labels["test"])}
+    aggregator_seconds = time.perf_counter() - started
+    locals_ = [local_record(record.dir, k).read_summary() for k in range(count)]
+    local_seconds = [rank["seconds"] for rank in everyone]  # training steps only, as a run's train_seconds
+    summary = dd_summary(config, splits, layout, locals_) | {
+        "test_accuracy": aggregators["dnn" if config.aggregator == "all" else config.aggregator]["test_accuracy"],
+        "aggregators": aggregators,
+        "train_seconds": max(local_seconds) + aggregator_seconds,
+        "phases": {"local": {"seconds": max(local_seconds), "seconds_per_rank": local_seconds,
+                             "wall_seconds_per_rank": [rank["wall_seconds"] for rank in everyone],
+                             "seconds_sequential": sum(s["train_seconds"] for s in locals_),
+                             "comm_bytes": sum(s.get("comm_bytes_total") or 0 for s in locals_)},
+                   "aggregator": {"seconds": aggregator_seconds}},
+        "world_size": len(everyone),
+        "comm_bytes_total": sum(s.get("comm_bytes_total") or 0 for s in locals_),
+    }
+    for figure in LOCAL_FIGURES:  # the local phase's resources: mean over the local CNNs' runs
+        values = [s[figure] for s in locals_ if s.get(figure) is not None]
+        summary[figure] = sum(values) / len(values) if values else None
+    record.write_summary(summary)
+
+
+def dd_summary(config: TrainConfig, splits: DataSplits, layout: Layout, locals_: list[dict]) -> dict:
+    return {
+        "name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
+        "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
+        "subimage_size": [layout.sub_height, layout.sub_width],
+        "local_test_accuracy": [s["test_accuracy"] for s in locals_],
+        "local_params": [s["params"] for s in locals_],
+        "params": sum(s["params"] for s in locals_),
+        "train_flops_per_image": sum(s["train_flops_per_image"] for s in locals_),
+        "epochs_run": max(s["epochs_run"] for s in locals_),
+        "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test),
+    }
+
+
+def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
+    layout = layout_of(config, splits)
+    locals_ = [build_local(config.model, splits.channels, splits.num_classes, layout, k, config.width,
+                           config.local_width) for k in range(len(layout.boxes))]
+    if config.dd_mode == "transfer":
+        for k, local in enumerate(locals_):
+            weights = load_checkpoint(_weights(local_record(Path(config.init_from), k)),
+                                      Ranks(0, 0, 1, 1, torch.device("cpu"), None))
+            local.load_state_dict(weights["model"])
+    return CoherentCNNDNN(locals_, splits.num_classes, hidden_layers(config))
+
+
+INDEPENDENT = "independent"  # where a transfer run without --init-from trains its local CNNs first
+
+
+def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, trainer_class) -> TrainConfig:
+    """The config of the coherent phase of a transfer run; trains the independent phase first when needed."""
+    if config.init_from:
+        return config
+    first = RunRecord(record.dir / INDEPENDENT)
+    if not first.finished:
+        first.dir.mkdir(parents=True, exist_ok=True)
+        independent = config.model_copy(update={"dd_mode": "independent"})
+        train_independent(independent, first, ranks, load_data_for(config), trainer_class)
+    return config.model_copy(update={"init_from": str(first.dir)})
+
+
+def load_data_for(config: TrainConfig) -> DataSplits:
+    from distcnn.train import load_splits
+
+    return load_splits(config)
+
+
+def coherent_extra(config: TrainConfig, model: CoherentCNNDNN, summary: dict) -> dict:
+    """What a coherent or transfer run's summary adds to the loop's own: its aggregator is the dense net."""
+    local = {"seconds": 0.0, "comm_bytes": 0}
+    if config.dd_mode == "transfer":  # the local CNNs it started from were trained first: their time counts
+        started_from = RunRecord(config.init_from).read_summary() if RunRecord(config.init_from).finished else {}
+        local = started_from.get("phases", {}).get("local", local)
+    return {"strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
+            "aggregators": {"dnn": {"test_accuracy": summary["test_accuracy"]}},
+            "local_params": [count_params(local_cnn) for local_cnn in model.locals],
+            "aggregator_params": count_params(model.aggregator),
+            "phases": {"local": local, "coherent": {"seconds": summary["train_seconds"]}}}
