@@ -79,6 +79,14 @@ def _weights(record: RunRecord) -> Path | None:
     return None
 
 
+def local_builder(config: TrainConfig, layout: Layout, index: int):
+    """What the training loop calls to build local CNN `index` for the data it loaded."""
+    def build(splits: DataSplits):
+        return build_local(config.model, splits.channels, splits.num_classes, layout, index, config.width,
+                           config.local_width)
+    return build
+
+
 def solo(ranks: Ranks) -> Ranks:
     """This process as a job of its own: a local CNN trains without talking to the other ranks."""
     return Ranks(0, 0, 1, 1, ranks.device, None)
@@ -96,17 +104,18 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
         sub.write_config(config.model_dump() | {"subdomain": index})
         accounting = Accounting(config, sub, Ranks(0, ranks.local_rank, 1, 1, ranks.device, None))
         try:
-            build = lambda s, k=index: build_local(config.model, s.channels, s.num_classes, layout, k,  # noqa: E731
-                                                  config.width, config.local_width)
-            trainer_class(config, sub, solo(ranks), accounting, build_model=build, splits=splits).fit()
+            trainer_class(config, sub, solo(ranks), accounting, build_model=local_builder(config, layout, index),
+                          splits=splits).fit()
         finally:
             accounting.stop()
     local_seconds = time.perf_counter() - started
     mine = {index: _probabilities(config, record, splits, layout, index, ranks)
             for index in subdomains_of(ranks.rank, ranks.world_size, count)}
-    training = sum(local_record(record.dir, k).read_summary()["train_seconds"]
-                   for k in subdomains_of(ranks.rank, ranks.world_size, count))
-    everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine}, ranks)
+    summaries = {k: local_record(record.dir, k).read_summary() for k in mine}
+    training = sum(summary["train_seconds"] for summary in summaries.values())
+    # gathered, not read from rank 0's disk: machines of a multi-node job need not share a filesystem
+    everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
+                                "summaries": summaries}, ranks)
     hosts = parallel.gather_hosts(ranks)
     if ranks.is_main:
         record.write_environment(describe_environment(ranks.world_size, ranks.local_world_size,
@@ -151,7 +160,8 @@ def _aggregate(config: TrainConfig, record: RunRecord, splits: DataSplits, layou
         if name in chosen:
             aggregators[name] = {"test_accuracy": accuracy(decide(stacked["test"]), labels["test"])}
     aggregator_seconds = time.perf_counter() - started
-    locals_ = [local_record(record.dir, k).read_summary() for k in range(count)]
+    summaries = {k: summary for rank in everyone for k, summary in rank["summaries"].items()}
+    locals_ = [summaries[k] for k in range(count)]
     local_seconds = [rank["seconds"] for rank in everyone]  # training steps only, as a run's train_seconds
     summary = dd_summary(config, splits, layout, locals_) | {
         "test_accuracy": aggregators["dnn" if config.aggregator == "all" else config.aggregator]["test_accuracy"],
