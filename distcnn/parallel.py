@@ -58,12 +58,27 @@ def setup(config: TrainConfig) -> Ranks:
     backend = None
     if launched:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        store = attempt_store(world_size)
+        options = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group(backend, device_id=device)
+            dist.init_process_group(backend, device_id=device, **options)
         else:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **options)
     return Ranks(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def attempt_store(world_size: int):
+    """torchrun's own store, seen through a prefix per restart: after a restart, the process group of the new
+    workers must not read the addresses the killed workers left in the store (gloo then connects to a dead
+    port). None outside torchrun's agent store: env:// as usual."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"distcnn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(ranks: Ranks) -> None:

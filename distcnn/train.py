@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import time
 from datetime import datetime
@@ -184,6 +185,7 @@ class Trainer:
         self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
                       "train_seconds": 0.0, "images_seen": 0, "history": [], "resumed_at": []}
         self._resume()
+        self._note_restart()
         self.ddp = self.model
         if ranks.distributed:
             ids = [ranks.device.index] if ranks.device.type == "cuda" else None
@@ -218,6 +220,14 @@ class Trainer:
         self.state = checkpoint["state"]
         self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
         say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
+
+    def _note_restart(self) -> None:
+        """A run restarted by torchrun (--max-restarts) records it: which restart, from which epoch on."""
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart and self.ranks.is_main:
+            self.state["restarts"] = self.state.get("restarts", []) + [
+                {"restart": restart, "resumed_after_epoch": self.state["epoch"]}]
+            say(f"restart {restart}: continuing after epoch {self.state['epoch']}", self.ranks)
 
     def fit(self) -> None:
         c, ranks, state = self.config, self.ranks, self.state
@@ -352,6 +362,7 @@ class Trainer:
             "val_images": len(self.splits.val),
             "test_images": len(self.splits.test),
             "resumed_at_epochs": state["resumed_at"],
+            "restarts": state.get("restarts", []),
             "telemetry": self.config.telemetry,
         } | self.accounting.summary(state["history"])
         summary |= self.summary_extra(summary)
