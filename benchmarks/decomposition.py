@@ -19,18 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchdata import data_spec
 from distcnn.config import make_config
-from distcnn.data import load_data
-from distcnn.errors import UsageError
 from distcnn.train import run
-
-
-def data_spec() -> str:
-    try:
-        load_data("fashion-mnist", val_fraction=0.0, train_subset=100)
-        return "fashion-mnist"
-    except UsageError:
-        return "synthetic:n=6000"
 
 
 def main() -> None:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
+from benchdata import data_spec
 from distcnn import parallel
 from distcnn.config import make_config
-from distcnn.data import load_data
-from distcnn.errors import UsageError
 from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
 from distcnn.telemetry.record import RunRecord
 from distcnn.telemetry.steps import PHASES, StepTimer
@@ -37,14 +36,6 @@ def t_quantile(degrees: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(0.975, degrees))
-
-
-def data_spec() -> str:
-    try:
-        load_data("fashion-mnist", val_fraction=0.0, train_subset=100)
-        return "fashion-mnist"
-    except UsageError:
-        return "synthetic:n=6000"
 
 
 def measure(args, world: int) -> dict:
