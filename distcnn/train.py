@@ -38,24 +38,26 @@ RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_r
                          "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval"}
 
 
+DATA_OPTIONS = ("data", "data_dir", "image_size", "train_subset", "val_fraction", "test_fraction", "split_seed",
+                "download")
+
+
 def load_splits(config: TrainConfig) -> DataSplits:
-    return load_data(
-        config.data,
-        data_dir=config.data_dir,
-        image_size=config.image_size,
-        train_subset=config.train_subset,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        split_seed=config.split_seed,
-        download=config.download,
-    )
+    data, *options = DATA_OPTIONS  # load_data's keywords carry the options' own names
+    return load_data(getattr(config, data), **{name: getattr(config, name) for name in options})
 
 
-def validate(config: TrainConfig) -> DataSplits:
-    """Check data, model, augmentation and parallelism before anything is written or started."""
+def data_options(config: TrainConfig) -> tuple:
+    """What decides the data a run loads: runs that agree on these share their splits."""
+    return tuple(getattr(config, name) for name in DATA_OPTIONS)
+
+
+def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplits:
+    """Check data, model, augmentation and parallelism before anything is written or started (`splits`: the
+    data already loaded for these data options, as a study checking many configurations passes it)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    splits = load_splits(config)
+    splits = splits if splits is not None else load_splits(config)
     build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
     build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
@@ -139,9 +141,10 @@ def train(config: TrainConfig, run_dir: Path) -> None:
     accounting = Accounting(config, record, ranks)
     try:
         if config.strategy == "dd":  # coherent or transfer: the whole CNN-DNN is the model
+            splits = load_splits(config)
             if config.dd_mode == "transfer":
-                config = decomposition.transfer_start(config, record, ranks, Trainer)
-            trainer = Trainer(config, record, ranks, accounting,
+                config = decomposition.transfer_start(config, record, ranks, splits, Trainer)
+            trainer = Trainer(config, record, ranks, accounting, splits=splits,
                               build_model=lambda splits: decomposition.coherent_model(config, splits))
             trainer.summary_extra = lambda summary: decomposition.coherent_extra(config, trainer.model, summary)
             trainer.fit()

@@ -210,7 +210,8 @@ def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
 INDEPENDENT = "independent"  # where a transfer run without --init-from trains its local CNNs first
 
 
-def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, trainer_class) -> TrainConfig:
+def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits,
+                   trainer_class) -> TrainConfig:
     """The config of the coherent phase of a transfer run; trains the independent phase first when needed."""
     if config.init_from:
         return config
@@ -218,14 +219,8 @@ def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, trainer
     if not first.finished:
         first.dir.mkdir(parents=True, exist_ok=True)
         independent = config.model_copy(update={"dd_mode": "independent"})
-        train_independent(independent, first, ranks, load_data_for(config), trainer_class)
+        train_independent(independent, first, ranks, splits, trainer_class)
     return config.model_copy(update={"init_from": str(first.dir)})
-
-
-def load_data_for(config: TrainConfig) -> DataSplits:
-    from distcnn.train import load_splits
-
-    return load_splits(config)
 
 
 def coherent_extra(config: TrainConfig, model: CoherentCNNDNN, summary: dict) -> dict:

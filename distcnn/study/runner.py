@@ -58,9 +58,12 @@ class StudyRunner:
 
     def check_configurations(self) -> None:
         """Data, model, augmentation of every configuration checked before the first run starts."""
+        loaded = {}  # data options -> splits: the data is loaded once, not once per configuration
         for levels in self.spec.configurations():
+            config = self.spec.run_config(levels, self.spec.seed, self.out / RUNS / "check", "check")
+            key = train.data_options(config)
             try:
-                train.validate(self.spec.run_config(levels, self.spec.seed, self.out / RUNS / "check", "check"))
+                loaded[key] = train.validate(config, loaded.get(key))
             except UsageError as error:
                 raise UsageError(f"configuration {describe(levels)}: {error}") from None
 
