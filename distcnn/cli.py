@@ -1,4 +1,4 @@
-"""The command line: `distcnn train`, `models`, `datasets`, `show`, `study`, `analyze`, `report`.
+"""The command line: `distcnn train`, `models`, `datasets`, `show`, `study`, `analyze`, `report`, `cluster`.
 
 `train`'s flags are generated from TrainConfig's fields, so a new option needs no CLI code. A user mistake
 prints one line `distcnn: error: …` and exits 2; nothing below this module imports it.
@@ -91,6 +91,18 @@ def build_parser() -> Parser:
 
     commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
 
+    cluster = commands.add_parser("cluster", help="emulated hosts on this machine (network namespaces; root)",
+                                  description="Hosts as network namespaces on a LAN at 198.18.0.0/24, with "
+                                              "optional caps; then `distcnn train --cluster emulated`.")
+    actions = cluster.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    cluster_up = actions.add_parser("up", help="bring up N hosts (clearing an earlier cluster)")
+    cluster_up.add_argument("--hosts", type=int, default=2, help="number of hosts (default: 2)")
+    cluster_up.add_argument("--bandwidth", default=None, help="cap every link, e.g. 100mbit (default: none)")
+    cluster_up.add_argument("--delay", default=None, help="one-way delay per link, e.g. 1ms (needs netem)")
+    actions.add_parser("status", help="the hosts, their addresses, caps and counters")
+    actions.add_parser("down", help="remove every host, link and cap")
+
     show = commands.add_parser("show", help="print a run's summary and draw its resource time series to a PNG")
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (finished or not)")
     show.add_argument("--png", default=None, metavar="PATH", help="where to draw (default: RUN_DIR/telemetry.png)")
@@ -176,6 +188,31 @@ def print_study_analysis(out, spec) -> None:
         print(f"no analysis: {error}")
 
 
+def command_cluster(args: argparse.Namespace) -> int:
+    from distcnn import cluster
+
+    if args.action == "up":
+        members = cluster.up(args.hosts, args.bandwidth, args.delay)
+        print(f"{len(members)} hosts up: " + ", ".join(f"{host.name} {host.address}" for host in members)
+              + f"; caps: {cluster.caps(members[0])}")
+        return 0
+    cluster.require_privileges()
+    if args.action == "down":
+        removed = cluster.down()
+        print(f"removed {', '.join(removed)}" if removed else "no emulated cluster was up")
+        return 0
+    layout = cluster.describe()
+    if not layout["hosts"]:
+        print("no emulated cluster is up (distcnn cluster up --hosts N)")
+        return 0
+    print(f"{len(layout['hosts'])} hosts" + (" on a bridge" if layout["switch"] else " on one veth pair"))
+    for host in layout["hosts"]:
+        print(f"  {host['name']}  {host['address']}  {host.get('state', '?')}  caps: {host['caps']}  "
+              f"rx {host.get('rx_bytes', 0):,} B / {host.get('rx_packets', 0):,} pkt  "
+              f"tx {host.get('tx_bytes', 0):,} B / {host.get('tx_packets', 0):,} pkt")
+    return 0
+
+
 def command_datasets() -> int:
     from distcnn.data import DATA_KINDS, load_data
 
@@ -217,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_report(args)
         if args.command == "show":
             return command_show(args)
+        if args.command == "cluster":
+            return command_cluster(args)
         return command_datasets()
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distcnn.cluster import parse_bandwidth, parse_delay
 from distcnn.errors import UsageError, nearest
 
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adamw": {"lr": 2e-3, "weight_decay": 0.05}}
@@ -62,6 +63,12 @@ class TrainConfig(BaseModel):
     rdzv_id: str = Field("distcnn", description="rendezvous id shared by all machines of one job")
     max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
     threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
+    cluster: Literal["none", "emulated"] = Field(
+        "none", description="emulated: one torchrun node agent per host of `distcnn cluster up` (needs root)")
+    bandwidth: str | None = Field(None, description="emulated cluster: cap every link at this rate for the run, "
+                                  "e.g. 100mbit (none: uncapped; default: leave the cluster's caps)")
+    delay: str | None = Field(None, description="emulated cluster: one-way delay added per link, e.g. 1ms "
+                              "(needs the kernel's netem)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present")
     # domain decomposition (CNN-DNN)
     strategy: Literal["ddp", "dd"] = Field("ddp", description="ddp: one model, data-parallel; dd: a CNN-DNN of "
@@ -93,7 +100,16 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be at least 1, got {self.nproc_per_node}")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
+        if self.cluster == "emulated":
+            if self.rdzv_endpoint or self.node_rank is not None:
+                raise ValueError("--cluster emulated picks the rendezvous itself: leave out rdzv_endpoint and "
+                                 "node_rank")
+            if self.rdzv_backend != "c10d":
+                raise ValueError("--cluster emulated rendezvouses with c10d over the emulated network")
+            parse_bandwidth(self.bandwidth), parse_delay(self.delay)  # ValueError: one line
+        elif self.bandwidth is not None or self.delay is not None:
+            raise ValueError("bandwidth and delay cap the links of the emulated cluster: add --cluster emulated")
+        elif self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("several machines (nnodes > 1) need rdzv_endpoint HOST:PORT")
         if self.rdzv_backend == "static" and self.nnodes > 1 and self.node_rank is None:
             raise ValueError("the static rendezvous needs node_rank")
@@ -119,6 +135,8 @@ class TrainConfig(BaseModel):
         if self.threads:
             return self.threads
         local = local_ranks or self.nproc_per_node
+        if self.cluster == "emulated":  # every emulated host's ranks share this machine's cores
+            local *= self.nnodes
         return max(1, available_cores() // local)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from distcnn.config import TrainConfig
 from distcnn.errors import WorkersFailed
+from distcnn.telemetry.counters import HOST_ENV, host_name
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def gather(value, ranks: Ranks) -> list:
 
 def gather_hosts(ranks: Ranks) -> list[str]:
     """The host name of every rank, in rank order: a multi-node run records all its machines."""
-    return gather(socket.gethostname(), ranks)
+    return gather(host_name(), ranks)
 
 
 def barrier(ranks: Ranks) -> None:
@@ -136,9 +136,17 @@ def needs_torchrun(config: TrainConfig) -> bool:
     return config.nproc_per_node > 1 or config.nnodes > 1 or config.max_restarts > 0
 
 
-def torchrun_args(config: TrainConfig, run_dir: Path) -> list[str]:
-    """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine."""
+def torchrun_args(config: TrainConfig, run_dir: Path, local_addr: str | None = None,
+                  rdzv_conf: str | None = None) -> list[str]:
+    """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine.
+
+    `local_addr`: the address the other nodes reach this one at (torchrun otherwise publishes the host name);
+    `rdzv_conf`: torchrun's --rdzv-conf, e.g. is_host=1 for the node that serves the c10d store."""
     args = [f"--nproc-per-node={config.nproc_per_node}", f"--max-restarts={config.max_restarts}"]
+    if local_addr:
+        args.append(f"--local-addr={local_addr}")
+    if rdzv_conf:
+        args.append(f"--rdzv-conf={rdzv_conf}")
     if config.nnodes == 1 and not config.rdzv_endpoint:
         args.append("--standalone")
     else:
@@ -153,7 +161,7 @@ def torchrun_args(config: TrainConfig, run_dir: Path) -> list[str]:
     return args + ["--module", "distcnn.worker", str(run_dir)]
 
 
-def launch(config: TrainConfig, run_dir: Path) -> None:
+def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rdzv_conf: str | None = None) -> None:
     """Start the workers through torchrun's own launcher and wait for them."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -162,7 +170,62 @@ def launch(config: TrainConfig, run_dir: Path) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
-        run(parse_args(torchrun_args(config, run_dir)))
+        run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf)))
     except ChildFailedError as error:
         rank, failure = min(error.failures.items())
         raise WorkersFailed(failure.exitcode, f"rank {rank} failed with exit code {failure.exitcode}") from None
+
+
+def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
+    """One torchrun node agent inside each emulated host, meeting at a c10d rendezvous on the first host's
+    address: the real multi-node code path, over the emulated network."""
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distcnn import cluster
+    from distcnn.telemetry.record import write_json
+
+    members = cluster.ready_hosts(config.nnodes)
+    if config.bandwidth is not None or config.delay is not None:
+        cluster.set_caps(members, config.bandwidth, config.delay)
+    layout = cluster.describe()
+    layout["hosts"] = [{key: host[key] for key in ("name", "address", "caps")} for host in layout["hosts"]
+                       if host["name"] in {member.name for member in members}]
+    write_json(run_dir / "cluster.json", layout)  # the network the run had, for whoever compares runs
+    endpoint = f"{members[0].address}:{20000 + secrets.randbelow(20000)}"
+    rdzv_id = f"distcnn-{secrets.token_hex(4)}"
+    agents = []
+    try:
+        for i, host in enumerate(members):
+            env = os.environ | {HOST_ENV: host.name, "GLOO_SOCKET_IFNAME": cluster.INTERFACE,
+                                "NCCL_SOCKET_IFNAME": cluster.INTERFACE}
+            argv = [sys.executable, "-m", "distcnn.node_agent", str(run_dir), host.address, endpoint, rdzv_id,
+                    "1" if i == 0 else "0"]
+            agents.append((host, cluster.start_in(host, argv, env)))
+        failed = None
+        while any(agent.poll() is None for _, agent in agents):
+            failed = failed or next(((host, agent.returncode) for host, agent in agents
+                                     if agent.returncode not in (None, 0)), None)
+            if failed:  # the others cannot finish without it; give them a moment to stop on their own
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and any(agent.poll() is None for _, agent in agents):
+                    time.sleep(0.2)
+                break
+            time.sleep(0.2)
+    finally:
+        for _, agent in agents:
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+        for _, agent in agents:
+            try:
+                agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+    failed = next(((host, agent.returncode) for host, agent in agents if agent.returncode != 0), None)
+    if failed:
+        host, code = failed
+        raise WorkersFailed(code, f"the node agent on {host.name} failed with exit code {code}")

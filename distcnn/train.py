@@ -35,7 +35,8 @@ from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_envir
 
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
-                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval"}
+                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster",
+                         "bandwidth", "delay"}
 
 
 DATA_OPTIONS = ("data", "data_dir", "image_size", "train_subset", "val_fraction", "test_fraction", "split_seed",
@@ -111,12 +112,18 @@ def run(config: TrainConfig) -> dict | None:
 
     Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
     validate(config)
+    if config.cluster == "emulated":
+        from distcnn import cluster
+
+        cluster.ready_hosts(config.nnodes)  # root, iproute2 and enough hosts, before a run directory exists
     record, created = prepare_run_dir(config)
     if record.finished:
         say(f"{record.dir} is already finished; nothing to do")
         return record.read_summary()
     try:
-        if parallel.needs_torchrun(config):
+        if config.cluster == "emulated":
+            parallel.launch_emulated(config, record.dir)
+        elif parallel.needs_torchrun(config):
             parallel.launch(config, record.dir)
         else:
             train(config, record.dir)

@@ -16,6 +16,12 @@ from pathlib import Path
 import psutil
 
 POWERCAP = Path("/sys/class/powercap")
+HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
+
+
+def host_name() -> str:
+    """The host these counters belong to: the emulated host's name, else the machine's."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def rss_peak_bytes() -> int:
@@ -63,14 +69,17 @@ def run_interfaces(master_addr: str | None, local_world_size: int, world_size: i
 
 
 def _interface_towards(host: str) -> str:
-    """The interface this machine uses to reach `host` (a local address means loopback)."""
+    """The interface this machine uses to reach `host`. When `host` is this machine's own address, the
+    interface that holds it: the other hosts reach the master through it (loopback for a loopback address)."""
     locals_ = _local_addresses()
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP)
         family, _, _, _, address = infos[0]
         target = address[0]
-        if target in locals_ or ipaddress.ip_address(target).is_loopback:
+        if ipaddress.ip_address(target).is_loopback:
             return _loopback_interfaces()[0]
+        if target in locals_:
+            return locals_[target]
         with socket.socket(family, socket.SOCK_DGRAM) as probe:  # no packet is sent: connect only routes
             probe.connect((target, 9))
             source = probe.getsockname()[0]

@@ -6,6 +6,7 @@ Layout of a run directory:
     epochs.csv        one row per finished epoch (rewritten whole, atomically, after each epoch)
     checkpoint.pt     the latest epoch's training state (for --resume and restarts)
     best.pt           the weights with the best validation accuracy
+    cluster.json      on an emulated cluster: its hosts, addresses and link caps
     summary.json      written last, once: its presence means the run finished
 
 The study runner, the analysis and the report read runs only through this module.
@@ -18,11 +19,12 @@ import io
 import json
 import os
 import platform
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from distcnn.telemetry.counters import host_name
 
 CONFIG = "config.json"
 ENVIRONMENT = "environment.json"
@@ -127,7 +129,7 @@ def describe_environment(world_size: int, local_world_size: int, threads: int, d
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "kornia": kornia.__version__,
-        "host": socket.gethostname(),
+        "host": host_name(),
         "platform": platform.platform(),
         "cpu_cores": available_cores(),
         "threads_per_rank": threads,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from distcnn.telemetry.counters import Nvml, Rapl, network_counters, rss_peak_bytes
+from distcnn.telemetry.counters import Nvml, Rapl, host_name, network_counters, rss_peak_bytes
 from distcnn.telemetry.record import write_atomic
 
 HEAD = ["time", "elapsed_s", "interval_s", "phase", "epoch", "host", "rank", "local_rank",
@@ -43,7 +42,7 @@ class ResourceSampler:
         self.path = Path(path)
         self.interval = interval
         self.rank, self.local_rank, self.host_level = rank, local_rank, host_level
-        self.host = socket.gethostname()
+        self.host = host_name()
         self.run_interfaces = list(run_interfaces)
         self.process = psutil.Process()
         self.interfaces = sorted(network_counters()) if host_level else []

@@ -1,0 +1,175 @@
+"""The emulated cluster: hosts as network namespaces, a real 2-node torchrun job over them, and a clean teardown.
+
+The tests that build namespaces need root and iproute2 (CI runs as root); elsewhere they are skipped, and the
+one-line refusals are tested everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import read_summary, run_cli
+
+CAN_BUILD = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+needs_root = pytest.mark.skipif(not CAN_BUILD, reason="the emulated cluster needs root and iproute2 (ip, tc)")
+
+
+def distcnn_namespaces() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    return [line.split()[0] for line in listed if line.startswith("distcnn-")]
+
+
+def veth_links() -> list[str]:
+    return [line for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+            .splitlines() if "veth" in line]
+
+
+@pytest.fixture
+def cluster_down():
+    """Whatever a test brings up is gone afterwards, and must leave nothing behind."""
+    veths_before = veth_links()
+    yield
+    assert run_cli("cluster", "down").returncode == 0
+    assert distcnn_namespaces() == []
+    assert veth_links() == veths_before
+    assert not list(Path("/etc/netns").glob("distcnn-*"))
+
+
+def reach(source: str, address: str) -> bool:
+    """Can a process inside host `source` open a TCP connection to a listener at `address`?"""
+    server = subprocess.Popen(["ip", "netns", "exec", f"distcnn-h{address.rsplit('.', 1)[1]}", sys.executable, "-c",
+                               "import socket; s = socket.socket(); s.bind(('0.0.0.0', 5099)); s.listen(1); "
+                               "s.settimeout(20); c, _ = s.accept(); c.sendall(b'ok')"])
+    try:
+        client = subprocess.run(["ip", "netns", "exec", source, sys.executable, "-c",
+                                 "import socket, sys, time\n"
+                                 "for _ in range(100):\n"
+                                 "    try:\n"
+                                 f"        c = socket.create_connection(('{address}', 5099), timeout=2); break\n"
+                                 "    except OSError: time.sleep(0.05)\n"
+                                 "print(c.recv(2).decode())"], capture_output=True, text=True, timeout=30)
+        return client.stdout.strip() == "ok"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@needs_root
+def test_two_hosts_train_a_two_node_job_with_per_host_traffic_and_exact_bytes(tmp_path, cluster_down):
+    up = run_cli("cluster", "up", "--hosts", "2", "--bandwidth", "100mbit")
+    assert up.returncode == 0, up.stderr
+    assert sorted(distcnn_namespaces()) == ["distcnn-h1", "distcnn-h2"]
+    status = run_cli("cluster", "status").stdout
+    assert "198.18.0.1" in status and "198.18.0.2" in status and "rate 100Mbit" in status
+
+    out = tmp_path / "run"
+    job = run_cli("train", "--cluster", "emulated", "--nnodes", "2", "--nproc-per-node", "1",
+                  "--data", "synthetic:n=1200", "--model", "lenet", "--epochs", "2", "--batch-size", "32",
+                  "--sample-interval", "0.1", "--out", str(out), timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["world_size"] == 2
+    assert summary["test_accuracy"] > 0.3, "the 2-node job learned (10 classes: chance is 0.1)"
+
+    # One entry per emulated host, each with its own counters, on its own eth0, with packets on it.
+    hosts = summary["hosts"]
+    assert sorted(hosts) == ["distcnn-h1", "distcnn-h2"]
+    assert sorted(rank for host in hosts.values() for rank in host["ranks"]) == [0, 1]
+    epochs = list(csv.DictReader((out / "epochs.csv").open()))
+    steps = sum(int(row["steps"]) for row in epochs)  # per rank
+    for name, host in hosts.items():
+        assert host["net_interfaces"] == ["eth0"], name
+        assert host["net_packets_total"] > 0 and host["net_bytes_total"] > 0, name
+        assert host["interfaces"]["eth0"]["tx_packets"] > 0 and host["interfaces"]["eth0"]["rx_packets"] > 0
+
+    # Exact communication bytes: what the comm hook handed to allreduce is the gradient, every step.
+    assert summary["comm_bytes_per_step"] == summary["gradient_bytes"]
+    counted_per_rank = summary["comm_bytes_total"] / 2
+    for name, host in hosts.items():
+        sent = host["interfaces"]["eth0"]["tx_bytes"]
+        # With 2 ranks gloo's ring sends each rank's buffer once (2(N-1)/N = 1x); headers add a little.
+        assert counted_per_rank <= sent <= 1.5 * counted_per_rank, (name, sent, counted_per_rank)
+    assert summary["comm_bytes_total"] == 2 * steps * summary["gradient_bytes"]
+
+    layout = json.loads((out / "cluster.json").read_text())
+    assert [host["name"] for host in layout["hosts"]] == ["distcnn-h1", "distcnn-h2"]
+    assert all("rate 100Mbit" in host["caps"] for host in layout["hosts"])
+    environment = json.loads((out / "environment.json").read_text())
+    assert sorted(environment["hosts"]) == ["distcnn-h1", "distcnn-h2"]  # rank 0 is whichever node joined first
+
+    down = run_cli("cluster", "down")
+    assert down.returncode == 0 and "distcnn-h1" in down.stdout
+    assert distcnn_namespaces() == []
+
+
+@needs_root
+def test_more_hosts_share_a_bridge_and_up_clears_an_earlier_cluster(cluster_down):
+    assert run_cli("cluster", "up", "--hosts", "3").returncode == 0
+    assert sorted(distcnn_namespaces()) == ["distcnn-h1", "distcnn-h2", "distcnn-h3", "distcnn-switch"]
+    assert reach("distcnn-h1", "198.18.0.3") and reach("distcnn-h3", "198.18.0.2")
+    again = run_cli("cluster", "up", "--hosts", "2", "--bandwidth", "50mbit")
+    assert again.returncode == 0, again.stderr
+    assert sorted(distcnn_namespaces()) == ["distcnn-h1", "distcnn-h2"], "the stale third host and switch are gone"
+    assert reach("distcnn-h2", "198.18.0.1")
+
+
+@needs_root
+def test_a_bandwidth_cap_limits_throughput(cluster_down):
+    """A 20 Mbit/s cap lets about 20 Mbit/s through (uncapped, a veth moves gigabits)."""
+    assert run_cli("cluster", "up", "--hosts", "2", "--bandwidth", "20mbit").returncode == 0
+    receive = ("import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 5098)); s.listen(1); "
+               "c, _ = s.accept(); n = 0; t = time.time()\n"
+               "while True:\n    d = c.recv(1 << 20)\n    if not d: break\n    n += len(d)\n"
+               "print(n * 8 / (time.time() - t) / 1e6)")
+    server = subprocess.Popen(["ip", "netns", "exec", "distcnn-h2", sys.executable, "-c", receive],
+                              stdout=subprocess.PIPE, text=True)
+    send = ("import socket, time\nfor _ in range(100):\n    try:\n"
+            "        c = socket.create_connection(('198.18.0.2', 5098), timeout=2); break\n"
+            "    except OSError: time.sleep(0.05)\n"
+            "c.sendall(b'x' * 5_000_000); c.close()")
+    subprocess.run(["ip", "netns", "exec", "distcnn-h1", sys.executable, "-c", send], check=True, timeout=60)
+    mbit = float(server.communicate(timeout=60)[0])
+    assert 12 < mbit < 22, f"{mbit:.1f} Mbit/s through a 20mbit cap"
+
+
+def test_without_root_the_cluster_says_so_in_one_line(monkeypatch, capsys):
+    from distcnn import cli
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["cluster", "up", "--hosts", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "needs root" in error
+
+
+def test_bad_cluster_options_are_one_line(tmp_path):
+    cases = [
+        (["cluster", "up", "--hosts", "2", "--bandwidth", "100mb"], "100mbit"),
+        (["train", "--bandwidth", "100mbit", "--out", str(tmp_path / "a")], "--cluster emulated"),
+        (["train", "--cluster", "emulated", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--out", str(tmp_path / "b")],
+         "picks the rendezvous"),
+        (["train", "--cluster", "emulated", "--delay", "soon", "--out", str(tmp_path / "c")], "1ms"),
+        (["cluster", "sideways"], "invalid choice"),
+    ]
+    for args, expected in cases:
+        done = run_cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert expected in done.stderr and done.stderr.strip().count("\n") == 0, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@needs_root
+def test_training_on_a_cluster_that_is_down_is_one_line_and_writes_nothing(tmp_path, cluster_down):
+    run_cli("cluster", "down")
+    done = run_cli("train", "--cluster", "emulated", "--nnodes", "2", "--data", "synthetic:n=200",
+                   "--out", str(tmp_path / "run"))
+    assert done.returncode == 2 and "distcnn cluster up --hosts 2" in done.stderr
+    assert not (tmp_path / "run").exists()
