@@ -72,7 +72,25 @@ def _hook_and_state(name: str, powersgd_rank: int):
         return default_hooks.bf16_compress_hook, None
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                         start_powerSGD_iter=POWERSGD_START_ITERATION)
+    if dist.get_backend() == "gloo":
+        return one_bucket_at_a_time(powerSGD_hook.powerSGD_hook), state
     return powerSGD_hook.powerSGD_hook, state
+
+
+def one_bucket_at_a_time(hook):
+    """PowerSGD issues each bucket's second allreduce from a callback thread; with several buckets on gloo the
+    ranks then issue their collectives in different orders and gloo aborts on mismatched sizes (torch does
+    not support PowerSGD on gloo: pytorch/pytorch#58467). Waiting for each bucket's whole chain before DDP
+    hands over the next keeps the order the same on every rank, at the cost of overlapping that chain with
+    the rest of the backward pass."""
+
+    @functools.wraps(hook)
+    def serialized(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+
+    return serialized
 
 
 def register(ddp: torch.nn.parallel.DistributedDataParallel, name: str, count: bool,
