@@ -173,3 +173,15 @@ def test_training_on_a_cluster_that_is_down_is_one_line_and_writes_nothing(tmp_p
                    "--out", str(tmp_path / "run"))
     assert done.returncode == 2 and "distcnn cluster up --hosts 2" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_study_on_the_emulated_cluster_refuses_before_its_first_run_when_no_cluster_is_up(tmp_path):
+    if CAN_BUILD:
+        run_cli("cluster", "down")
+    study = tmp_path / "emulated.toml"
+    study.write_text('[base]\ndata = "synthetic:n=200"\nepochs = 1\ncluster = "emulated"\nnnodes = 2\n\n'
+                     '[factors]\nbandwidth = ["100mbit", "none"]\n\n[study]\nreplicates = 1\n')
+    done = run_cli("study", str(study), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert ("distcnn cluster up --hosts 2" in done.stderr) or ("needs root" in done.stderr)
+    assert not (tmp_path / "out" / "study.db").exists()
