@@ -45,6 +45,12 @@ Decisions (each also stated where it is implemented):
   150/331 of the image, rotation 30 degrees, enhance factors 1 +- 0.9, posterize to 4 bits, solarize), with a
   random sign for signed ops, as in the RandAugment paper: shear factor +-0.09, translation +-13.6 % of the
   image, rotation +-9 degrees, factors 1 +- 0.27, posterize to 7 bits, solarize above 0.7.
+- `--aug-strength s` (Policy.scaled) multiplies every op's strength range and its probability by s, before
+  either backend sees the policy, so both honour it: probabilities are clipped to 1 and strengths to what the
+  op defines (rotation 180 degrees, translation and pad-crop the whole image, enhance factors 0..2, posterize
+  down to 1 bit, solarize from 0); a resized crop scales what it cuts away (1 - area, area at least 1 %) and
+  the log of its aspect ratio. s = 1 is the policy itself (bit-identical), s = 0 is no augmentation.
+  MixUp and CutMix keep their own alphas.
 - What the batched backend takes from kornia: the warp (kornia.geometry.transform.warp_affine, one call per
   batch for all composed geometric ops), solarize and equalize (kornia.enhance). The rest is plain torch where
   that measured faster on CPU (batch 128, 2 threads; numbers at each function): brightness, contrast, saturation and sharpness are kornia's blends done in
@@ -107,6 +113,18 @@ class Policy:
     name: str
     slots: tuple[Slot, ...]
     doc: str = field(default="", compare=False)
+
+    def scaled(self, strength: float) -> Policy:
+        """This policy at `--aug-strength` s: every op's magnitudes and probability times s (see Kind.scaled).
+        s = 1 is this very policy (bit-identical runs); s = 0 has no slots (identity, as `none`)."""
+        if strength < 0 or not math.isfinite(strength):
+            raise UsageError(f"augmentation strength must be a number >= 0, got {strength}")
+        if strength == 1:
+            return self
+        if strength == 0:
+            return replace(self, slots=())
+        return replace(self, slots=tuple(Slot(tuple(KINDS[op.kind].scaled(op, strength) for op in s.ops))
+                                         for s in self.slots))
 
     def for_channels(self, channels: int) -> Policy:
         """This policy without the ops that need colour (saturation) when images have one channel."""
@@ -223,6 +241,16 @@ class Kind:
     geometric = False
     rgb_only = False
     noop = False
+    limit: float | None = None  # the largest strength that is still defined (None: any)
+
+    def scaled(self, op: Op, s: float) -> Op:
+        """`op` at augmentation strength s: its strength range times s, clamped to [0, limit], and its
+        probability times s, at most 1. Ops without a strength (flip, autocontrast...) scale by probability."""
+        def clamp(value: float) -> float:
+            value *= s
+            return min(value, self.limit) if self.limit is not None else value
+
+        return replace(op, low=clamp(op.low), high=clamp(op.high), p=min(1.0, op.p * s))
 
     def matrix(self, op: Op, u: Tensor, height: int, width: int) -> Affine:
         raise NotImplementedError
@@ -248,6 +276,7 @@ class Rotate(Kind):
     """Strength in degrees, counter-clockwise on screen (torchvision's sign), about the image centre."""
 
     geometric = True
+    limit = 180.0
 
     def matrix(self, op, u, height, width):
         t = torch.deg2rad(strength(op, u))
@@ -272,6 +301,7 @@ class Translate(Kind):
     """Strength is a fraction of the image's width (axis x) or height (axis y)."""
 
     geometric = True
+    limit = 1.0  # the whole image: beyond, nothing is left to move
 
     def __init__(self, axis: str):
         self.axis = axis
@@ -285,6 +315,7 @@ class PadCrop(Kind):
     """Pad by floor(high * size) pixels and crop back at a random integer place: an integer shift per axis."""
 
     geometric = True
+    limit = 1.0
 
     def matrix(self, op, u, height, width):
         px, py = int(op.high * width), int(op.high * height)
@@ -306,6 +337,16 @@ class ResizedCrop(Kind):
     """A box of area [low, high] of the image and log-uniform aspect ratio in `ratio`, stretched to full size."""
 
     geometric = True
+    min_area = 0.01
+
+    def scaled(self, op, s):
+        """The crop's strength is what it cuts away, 1 - area, and the log of the aspect ratio: both times s
+        (area at least min_area); the probability as every op's."""
+        def area(value: float) -> float:
+            return max(self.min_area, 1.0 - s * (1.0 - value))
+
+        return replace(op, low=area(op.low), high=area(op.high), ratio=(op.ratio[0] ** s, op.ratio[1] ** s),
+                       p=min(1.0, op.p * s))
 
     def matrix(self, op, u, height, width):
         area = op.low + (op.high - op.low) * u[:, 3]
@@ -368,6 +409,8 @@ def _sharpness_(x: Tensor, v: Tensor) -> Tensor:
 class Enhance(Kind):
     """Blend-style colour ops: factor = 1 + strength; 1 leaves the image as is."""
 
+    limit = 1.0  # a signed strength beyond 1 would give a negative factor
+
     def __init__(self, batched: Callable[[Tensor, Tensor], Tensor], per_sample: Callable[[Tensor, float], Tensor],
                  rgb_only: bool = False):
         self._batched, self._per_sample, self.rgb_only = batched, per_sample, rgb_only
@@ -386,6 +429,8 @@ class Posterize(Kind):
     """Keep 8 - round(strength) bits, by torchvision's float rule floor(x * 2^b) / 2^b (kornia's posterize
     works on 255-scaled integers, a slightly different rule, so the batched op is written out here)."""
 
+    limit = 7.0  # keep at least one bit
+
     def value(self, op, u):
         return 8.0 - strength(op, u).round()
 
@@ -399,6 +444,8 @@ class Posterize(Kind):
 
 class Solarize(Kind):
     """Invert pixels at or above the threshold 1 - strength."""
+
+    limit = 1.0
 
     def value(self, op, u):
         return 1.0 - strength(op, u)
@@ -797,10 +844,11 @@ def _transform_one(x: Tensor, affine: Affine) -> Tensor:
 # ---------------------------------------------------------------- factory and batch-level mixing
 
 
-def build_augment(policy_name: str, backend: str, channels: int, image_size: int
+def build_augment(policy_name: str, backend: str, channels: int, image_size: int, strength: float = 1.0
                   ) -> BatchedAugment | PerSampleAugment | None:
-    """The augmentation of a run: None for `none`, else the policy on the chosen backend."""
-    policy = get_policy(policy_name)
+    """The augmentation of a run: None for `none` (or strength 0), else the policy at `strength` (see
+    Policy.scaled) on the chosen backend."""
+    policy = get_policy(policy_name).scaled(strength)
     if backend not in BACKENDS:
         raise unknown("augmentation backend", backend, BACKENDS)
     if not policy.slots:

@@ -84,6 +84,16 @@ class TrainConfig(BaseModel):
     local_width: float | None = Field(None, gt=0, description="dd: width of each local CNN (default: width × "
                                       "sqrt(subimage share of the image))")
     init_from: str | None = Field(None, description="dd transfer: the independent run whose local CNNs start it")
+    # what augmentation buys
+    aug_strength: float = Field(1.0, ge=0, allow_inf_nan=False, description=(
+        "scale every augmentation op's magnitudes and probability (1: the policy as defined, 0: none)"))
+    target_accuracy: float | None = Field(None, gt=0, le=1, description=(
+        "record wall time, epochs and images until the validation accuracy first reaches this"))
+    stop_at_target: bool = Field(False, description="end training at the epoch that reaches --target-accuracy")
+    eval_shift: str | None = Field(None, description=(
+        "score the final model on shifted test sets: rotation,translation,noise,blur,contrast,occlusion or all"))
+    shift_images: int | None = Field(None, ge=1, description=(
+        "score the shifted test sets on a fixed random subset of N test images (default: all of them)"))
     # accounting
     telemetry: Literal["on", "off"] = Field(
         "on", description="resource sampling, step timers and byte counting (off only to measure their cost)")
@@ -115,6 +125,16 @@ class TrainConfig(BaseModel):
             raise ValueError("the static rendezvous needs node_rank")
         if self.patience is not None and self.val_fraction == 0:
             raise ValueError("patience needs a validation split: set val_fraction > 0")
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError("stop-at-target needs target-accuracy (the validation accuracy to stop at)")
+        if self.target_accuracy is not None and self.val_fraction == 0:
+            raise ValueError("target-accuracy needs a validation split: set val-fraction > 0")
+        if self.shift_images is not None and not self.eval_shift:
+            raise ValueError("shift-images needs eval-shift (the shifted test sets to score)")
+        if self.strategy == "dd" and self.dd_mode == "independent" and (
+                self.target_accuracy is not None or self.eval_shift):
+            raise ValueError("target-accuracy and eval-shift need one model trained end to end: with strategy "
+                             "dd use dd-mode coherent or transfer")
         return self
 
     @property

@@ -89,7 +89,8 @@ class TrainInputs:
         )
         # Drop a last partial batch (BatchNorm cannot train on one image), unless it is the only batch.
         drop_last = len(self.sampler) >= config.batch_size
-        augment = build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
+        augment = build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size,
+                                config.aug_strength)
         self.batched_augment = None
         if config.aug_backend == "per-sample":
             workers = config.workers if config.workers is not None else default_workers(ranks)
@@ -135,15 +136,21 @@ def _identity(image: torch.Tensor) -> torch.Tensor:
 
 
 class EvalInputs:
-    """This rank's share of an evaluation set (every world_size-th image, no padding: counts stay exact)."""
+    """This rank's share of an evaluation set (every world_size-th image, no padding: counts stay exact).
 
-    def __init__(self, images: ImageSet, mean, std, batch_size: int, ranks: Ranks):
+    `shift(x, index)` (distcnn.shifts.Shift), when given, changes the images in [0, 1] before normalisation;
+    it is told which images of the set it has, so a shifted image does not depend on batches or ranks."""
+
+    def __init__(self, images: ImageSet, mean, std, batch_size: int, ranks: Ranks, shift=None):
         self.device = ranks.device
         self.normalise = Normalise(mean, std, ranks.device)
-        shard = list(range(ranks.rank, len(images), ranks.world_size))
-        self.batches = ResidentBatches(images, batch_size, shard)
+        self.shard = torch.arange(ranks.rank, len(images), ranks.world_size)
+        self.batch_size, self.shift = batch_size, shift
+        self.batches = ResidentBatches(images, batch_size, self.shard.tolist())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.batches:
+        for step, (images, labels) in enumerate(self.batches):
             x = self.normalise.to_unit(images.to(self.device, non_blocking=True))
+            if self.shift is not None:
+                x = self.shift(x, self.shard[step * self.batch_size : (step + 1) * self.batch_size])
             yield self.normalise.standardise(x), labels.to(self.device, non_blocking=True)

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distcnn import comm, parallel
+from distcnn import comm, parallel, shifts
 from distcnn.decomposition import strategy as decomposition
-from distcnn.augment import build_augment, build_batch_mix
+from distcnn.augment import build_augment, build_batch_mix, get_policy
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.console import EpochTable, StepProgress, say
-from distcnn.data import DataSplits, load_data
+from distcnn.data import DataSplits, ImageSet, load_data
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.models import check_input_size, count_params, create_model, train_flops_per_image
 from distcnn.parallel import Ranks
@@ -59,7 +59,8 @@ def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplit
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
     splits = splits if splits is not None else load_splits(config)
-    build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size)
+    build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size, config.aug_strength)
+    shifts.parse_shifts(config.eval_shift)
     build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
     check_input_size(model, splits.channels, splits.image_size, config.model)
@@ -192,8 +193,10 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        # wall_seconds: training + validation of every epoch so far; target: where --target-accuracy was met
         self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
-                      "train_seconds": 0.0, "images_seen": 0, "history": [], "resumed_at": []}
+                      "train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0, "target": None,
+                      "history": [], "resumed_at": []}
         self._resume()
         self._note_restart()
         self.ddp = self.model
@@ -227,7 +230,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.state = checkpoint["state"]
+        self.state = self.state | checkpoint["state"]  # a checkpoint from before a new key keeps its default
         self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
         say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
 
@@ -262,7 +265,9 @@ class Trainer:
             state["history"].append(row)
             state["epoch"] = epoch + 1
             state["train_seconds"] += seconds
+            state["wall_seconds"] += row["epoch_seconds"]
             state["images_seen"] += images
+            reached = self._note_target(val_accuracy)
             improved = val_accuracy is not None and (
                 state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"])
             if improved:
@@ -271,9 +276,24 @@ class Trainer:
                 state["stale_epochs"] += 1
             self._save(improved)
             table.row(row, improved)
+            if reached:
+                say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
+                    f"{state['epoch']} ({state['wall_seconds']:.1f} s, {state['images_seen']:,} images)", ranks)
         self._finish()
 
+    def _note_target(self, val_accuracy: float | None) -> bool:
+        """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with
+        the wall seconds (training + validation, checkpoints excluded) and images up to and including it.
+        True when this epoch is that one."""
+        target, state = self.config.target_accuracy, self.state
+        if target is None or state["target"] is not None or val_accuracy is None or val_accuracy < target:
+            return False
+        state["target"] = {"epoch": state["epoch"], "seconds": state["wall_seconds"], "images": state["images_seen"]}
+        return True
+
     def _should_stop(self) -> bool:
+        if self.config.stop_at_target and self.state["target"] is not None:
+            return True
         patience = self.config.patience
         return patience is not None and self.state["stale_epochs"] >= patience
 
@@ -319,16 +339,40 @@ class Trainer:
             torch.cuda.synchronize(self.ranks.device)
 
     @torch.no_grad()
-    def evaluate(self, images) -> float:
-        """Accuracy over a whole split: each rank scores its shard, the counts are summed over ranks."""
+    def evaluate(self, images, shift: shifts.Shift | None = None) -> float:
+        """Accuracy over a whole split (optionally shifted): each rank scores its shard, the counts are summed
+        over ranks."""
         self.model.eval()
         correct = total = 0
-        inputs = EvalInputs(images, self.splits.mean, self.splits.std, max(256, self.config.batch_size), self.ranks)
+        inputs = EvalInputs(images, self.splits.mean, self.splits.std, max(256, self.config.batch_size), self.ranks,
+                            shift)
         for x, labels in inputs:
             correct += (self.model(x).argmax(dim=1) == labels).sum().item()
             total += labels.numel()
         correct, total = parallel.all_reduce_sum([float(correct), float(total)], self.ranks)
         return correct / total if total else math.nan
+
+    def _evaluate_shifts(self) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
+        """--eval-shift: (images scored, their unshifted accuracy, {shift: {"1": accuracy, ...}}) on shifted
+        copies of the test set, or of --shift-images of its images. Shifts and subset are seeded by the split
+        seed: every run of a study is scored on the same shifted images."""
+        names = shifts.parse_shifts(self.config.eval_shift)
+        if not names:
+            return None, None, None
+        test, n = self.splits.test, self.config.shift_images
+        if n is not None and n < len(test):
+            generator = torch.Generator().manual_seed(self.config.split_seed)
+            chosen = torch.randperm(len(test), generator=generator)[:n].sort().values
+            test = ImageSet(test.images[chosen], test.labels[chosen])
+        clean = self.evaluate(test) if test is not self.splits.test else None
+        accuracy = {name: {str(severity): self.evaluate(test, shifts.Shift(name, severity, self.config.split_seed))
+                           for severity in shifts.SEVERITIES} for name in names}
+        return len(test), clean, accuracy
+
+    def shifts_in_training(self) -> list[str]:
+        """The shifts this run's augmentation (at its strength) and CutMix train on."""
+        policy = get_policy(self.config.policy).scaled(self.config.aug_strength).for_channels(self.splits.channels)
+        return shifts.shifts_in_training(policy, self.config.cutmix)
 
     def _save(self, improved: bool) -> None:
         """Rank 0 writes the epoch's checkpoint, the best weights and epochs.csv, each atomically."""
@@ -348,6 +392,10 @@ class Trainer:
             best = load_checkpoint(self.record.path(BEST), self.ranks)
             self.model.load_state_dict(best["model"])
         test_accuracy = self.evaluate(self.splits.test)
+        shift_start = time.perf_counter()
+        shift_images, shift_clean, shift_accuracy = self._evaluate_shifts()
+        shift_seconds = time.perf_counter() - shift_start if shift_accuracy is not None else None
+        target = state["target"] or {}
         summary = {
             "name": self.config.run_name,
             "model": self.config.model,
@@ -374,6 +422,20 @@ class Trainer:
             "resumed_at_epochs": state["resumed_at"],
             "restarts": state.get("restarts", []),
             "telemetry": self.config.telemetry,
+            "aug_strength": self.config.aug_strength,
+            "target_accuracy": self.config.target_accuracy,
+            "time_to_target_seconds": target.get("seconds"),
+            "epochs_to_target": target.get("epoch"),
+            "images_to_target": target.get("images"),
+            # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
+            "stopped_at_target": bool(self.config.stop_at_target and target and state["epoch"] < self.config.epochs),
+            "shift_images": shift_images,
+            "shift_clean_accuracy": test_accuracy if shift_accuracy and shift_clean is None else shift_clean,
+            "shift_accuracy": shift_accuracy,
+            "shift_accuracy_mean": (sum(a for by in shift_accuracy.values() for a in by.values())
+                                    / sum(len(by) for by in shift_accuracy.values())) if shift_accuracy else None,
+            "shifts_in_training": self.shifts_in_training(),
+            "shift_eval_seconds": shift_seconds,
         } | self.accounting.summary(state["history"])
         summary |= self.summary_extra(summary)
         if self.ranks.is_main:

@@ -279,3 +279,72 @@ def test_batch_mix_refuses_bad_alphas():
         BatchMix(0.0, 0.0, 10)
     assert build_batch_mix(0.0, 0.0, 10) is None
     assert isinstance(build_batch_mix(0.2, 0.0, 10), BatchMix)
+
+
+# ---------------------------------------------------------------- augmentation strength
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", RANDOM_POLICIES)
+def test_strength_one_is_the_policy_itself_bit_for_bit(policy, backend):
+    assert get_policy(policy).scaled(1.0) is get_policy(policy)
+    image = textured(1, 28)
+
+    def run(augment):
+        torch.manual_seed(5)
+        if backend == "batched":
+            return augment(batch_of(image, 16))
+        return torch.stack([augment(image) for _ in range(16)])
+
+    assert torch.equal(run(build_augment(policy, backend, 1, 28)), run(build_augment(policy, backend, 1, 28, 1.0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_strength_zero_is_no_augmentation(policy, backend):
+    assert get_policy(policy).scaled(0.0).slots == ()
+    assert build_augment(policy, backend, 3, 32, 0.0) is None  # the training loop then only normalises
+
+
+def test_strength_scales_magnitudes_and_probabilities_within_each_ops_domain():
+    def ops(policy, s):
+        return {op.kind: op for slot in get_policy(policy).scaled(s).slots for op in slot.ops}
+
+    paper = ops("paper", 2.0)
+    assert paper["rotate"].high == 10.0 and paper["translate_x"].high == pytest.approx(0.1)
+    assert paper["hflip"].p == 1.0  # 0.5 x 2
+    assert paper["resized_crop"].low == pytest.approx(0.6) and paper["resized_crop"].high == 1.0  # cuts 0..40 %
+    assert paper["resized_crop"].ratio == pytest.approx(((3 / 4) ** 2, (4 / 3) ** 2))
+    half = ops("paper", 0.5)
+    assert half["hflip"].p == 0.25 and half["rotate"].p == 0.5 and half["brightness"].high == pytest.approx(0.1)
+    wide = ops("trivialaugment", 2.0)
+    assert wide["rotate"].high == 180.0 and wide["brightness"].high == 1.0 and wide["posterize"].high == 7.0
+    assert wide["translate_x"].high == 1.0 and wide["solarize"].high == 1.0  # clamped to what each op defines
+    assert ops("randaugment", 2.0)["rotate"].low == 18.0  # fixed strength stays fixed, doubled
+    with pytest.raises(UsageError, match=">= 0"):
+        get_policy("paper").scaled(-1.0)
+
+
+@pytest.mark.parametrize("policy", ["paper", "trivialaugment", "randaugment"])
+def test_stronger_policies_change_images_more(policy):
+    x = batch_of(textured(1, 28), 256)
+
+    def change(s):
+        torch.manual_seed(0)
+        return (build_augment(policy, "batched", 1, 28, s)(x) - x).abs().mean().item()
+
+    weak, base, strong = change(0.5), change(1.0), change(2.0)
+    assert weak < base < strong
+
+
+@pytest.mark.parametrize("policy", ["paper", "trivialaugment"])
+def test_backends_agree_at_another_strength(policy):
+    torch.manual_seed(0)
+    images = torch.stack([textured(3, 32, seed) for seed in range(32)]).float() / 255
+    scaled = get_policy(policy).scaled(1.7)
+    batched, per_sample = BatchedAugment(scaled, 3, 32), PerSampleAugment(scaled, 3, 32)
+    draws = sample_draws(batched.policy, len(images))
+    a = batched.apply_draws(images, draws)
+    b = torch.stack([per_sample.apply_draws(images[i], draws, i) for i in range(len(images))])
+    diff = (a - b).abs()
+    assert diff.mean() < 1e-4 and (diff > 1e-4).float().mean() < 1e-3

@@ -18,6 +18,13 @@ CASES = {
     "unknown dataset": (["--data", "cifar11"], "fashion-mnist"),
     "missing dataset": (["--data", "fashion-mnist", "--data-dir", "/nonexistent-fmnist"], "apt-get install"),
     "image does not fit the model": (["--model", "vit_tiny_patch16_224", "--image-size", "16"], "does not fit"),
+    "unknown shift": (["--eval-shift", "rotation,occlusoin"], "nearest: occlusion"),
+    "negative augmentation strength": (["--aug-strength", "-0.5"], "--aug-strength"),
+    "stop at target without a target": (["--stop-at-target"], "needs target-accuracy"),
+    "target without a validation split": (["--target-accuracy", "0.8", "--val-fraction", "0"],
+                                          "needs a validation split"),
+    "target above 1": (["--target-accuracy", "80"], "--target-accuracy"),
+    "shift images without shifts": (["--shift-images", "100"], "needs eval-shift"),
 }
 
 

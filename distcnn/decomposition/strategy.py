@@ -218,7 +218,9 @@ def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits:
     first = RunRecord(record.dir / INDEPENDENT)
     if not first.finished:
         first.dir.mkdir(parents=True, exist_ok=True)
-        independent = config.model_copy(update={"dd_mode": "independent"})
+        # time to target and shifted test sets belong to the coherent phase, the one model trained end to end
+        independent = config.model_copy(update={"dd_mode": "independent", "target_accuracy": None,
+                                                "stop_at_target": False, "eval_shift": None})
         train_independent(independent, first, ranks, splits, trainer_class)
     return config.model_copy(update={"init_from": str(first.dir)})
 
