@@ -182,10 +182,18 @@ def print_study_analysis(out, spec) -> None:
     table, order = load_source(out)
     responses = [r for r in spec.responses if r in table and table[r].notna().sum() >= 2]
     factors = [option_name(name) for name in spec.factors]
-    try:
-        print_result(analyze(table, factors, responses, order), 0.05)
-    except UsageError as error:  # e.g. a factor whose runs all failed: the study itself is still recorded
-        print(f"no analysis: {error}")
+    usable, skipped = [], []
+    for response in responses:  # one response without figures in some configurations (a target never
+        try:                    # reached) must not take the others' analysis with it
+            analyze(table, factors, [response], order)
+            usable.append(response)
+        except UsageError as error:  # e.g. a factor whose runs all failed: the study itself is still recorded
+            skipped.append(f"no analysis of {response}: {error}")
+    if usable:
+        print_result(analyze(table, factors, usable, order), 0.05)
+    reasons = {line.split(": ", 1)[1] for line in skipped}
+    for line in ([f"no analysis: {reasons.pop()}"] if not usable and len(reasons) == 1 else skipped):
+        print(line)
 
 
 def command_cluster(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_study_text, written_report
 
 from distcnn.errors import UsageError
 from distcnn.study.report import configuration_label, write_report
@@ -38,18 +38,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("study")
-    (folder / "tiny.toml").write_text(STUDY)
-    out = folder / "out"
-    result = run_cli("study", str(folder / "tiny.toml"), "--out", str(out), "--no-report")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return run_study_text(tmp_path_factory.mktemp("study"), STUDY)
 
 
 @pytest.fixture(scope="module")
 def report(study):
-    html_path, md_path = write_report(study)
-    return html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    return written_report(study)
 
 
 def configuration_labels() -> list[str]:
@@ -156,3 +150,10 @@ def test_the_cli_writes_the_report(study):
     result = run_cli("report", str(study))
     assert result.returncode == 0, result.stderr
     assert str(study / "report.html") in result.stdout and str(study / "report.md") in result.stdout
+
+
+def test_sections_for_factors_the_study_lacks_are_left_out(report):
+    page = report[0]
+    for heading in ("Accuracy versus data", "Robustness to shifted test sets", "Over-augmentation",
+                    "Time to accuracy"):
+        assert heading not in page

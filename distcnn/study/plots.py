@@ -208,3 +208,43 @@ def pareto_figure(table: pd.DataFrame, labels: pd.Series, palette: dict[str, str
     figure.suptitle("accuracy versus cost: runs (dots), configuration means (diamonds)", fontsize=10)
     _legend(figure, palette)
     return png(figure)
+
+
+# ---- curves: accuracy against data, severity, augmentation strength ----------------------------------------
+
+def curves_figure(panels: list[dict], palette: dict[str, str], title: str, log_x: bool = False,
+                  dashed_label: str | None = None) -> bytes:
+    """Small multiples of mean curves with CI bars: each panel a dict of title, xlabel, ylabel, curves {label:
+    (x, mean, half)}, dashed (the labels drawn dashed in that panel, e.g. a shift the policy trains on) and
+    xticks (ticks at the measured levels, plainly labelled)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
+    columns = min(MAX_COLUMNS, len(panels))
+    figure, axes = new_figure(math.ceil(len(panels) / columns), columns)
+    if len(panels) == 1:
+        figure.set_size_inches(5.6, 4.2)
+    flat = axes.ravel()
+    for ax, panel in zip(flat, panels):
+        for label, (x, mean, half) in panel["curves"].items():
+            half = np.asarray(half, dtype=float)
+            ax.errorbar(x, mean, yerr=None if np.isnan(half).all() else half, marker="o", markersize=3, capsize=3,
+                        color=palette[label], linestyle="--" if label in panel.get("dashed", ()) else "-")
+        if log_x:
+            ax.set_xscale("log")
+        if panel.get("xticks") is not None:
+            ax.set_xticks(panel["xticks"], [f"{tick:g}" for tick in panel["xticks"]])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel(panel["xlabel"], fontsize=8)
+        ax.set_ylabel(panel.get("ylabel", ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in palette.items()]
+    if dashed_label:
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label=dashed_label))
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    return png(figure)

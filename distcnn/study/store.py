@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from distcnn.errors import UsageError
+from distcnn.shifts import SHIFT_NAMES
 from distcnn.telemetry.steps import PHASES
 
 DATABASE = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
 
 # Summary figures a study can take as responses (numbers; the step breakdown flattened as step_<phase>_s, a
-# CNN-DNN's aggregators as <aggregator>_test_accuracy).
+# CNN-DNN's aggregators as <aggregator>_test_accuracy, each shifted test set as shift_<name>_accuracy: its mean
+# over the severities).
 KNOWN_RESPONSES = (
     "test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second", "params",
     "train_flops_per_image", "achieved_flops_per_s", "cpu_percent_mean", "process_cpu_percent_mean",
@@ -32,6 +34,8 @@ KNOWN_RESPONSES = (
     "comm_bytes_total", "ddp_comm_seconds_mean", "ddp_overlap_seconds_mean", "ddp_backward_compute_seconds_mean",
     *(f"step_{phase}_s" for phase in (*PHASES, "step")),
     "dnn_test_accuracy", "mean_test_accuracy", "vote_test_accuracy", "local_phase_seconds",
+    "time_to_target_seconds", "epochs_to_target", "images_to_target", "shift_accuracy_mean", "shift_clean_accuracy",
+    *(f"shift_{name}_accuracy" for name in SHIFT_NAMES), "shift_eval_seconds",
 )
 
 
@@ -49,6 +53,13 @@ def flatten_summary(summary: dict) -> dict[str, Any]:
     local = (summary.get("phases") or {}).get("local")
     if local:
         flat["local_phase_seconds"] = local.get("seconds")
+    for name, by_severity in (summary.get("shift_accuracy") or {}).items():  # shift_<name>_accuracy: mean
+        values = [value for value in by_severity.values() if value is not None]
+        flat[f"shift_{name}_accuracy"] = sum(values) / len(values) if values else None
+        for severity, value in by_severity.items():
+            flat[f"shift_{name}_s{severity}_accuracy"] = value
+    if "shifts_in_training" in summary:
+        flat["shifts_in_training"] = ",".join(summary["shifts_in_training"])
     return flat
 
 
