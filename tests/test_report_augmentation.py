@@ -93,8 +93,12 @@ def test_images_needed_table_interpolates_or_says_not_reached(report):
 def test_robustness_table_keeps_in_training_shifts_apart(report):
     header, *rows = markdown_table(report[1], "## Robustness to shifted test sets")
     assert header == ["configuration", "unshifted accuracy", *SHIFTS, "in training (mean)", "not in training (mean)",
-                      "shift_accuracy_mean"]
+                      "the same shifts, unaugmented runs", "shift_accuracy_mean"]
     assert len(rows) == 4
+    def subset(label: str) -> str:
+        return dict(part.split("=") for part in label.split(", "))["train-subset"]
+
+    unaugmented = {subset(row[0]): row for row in rows if "aug-strength=0.0" in row[0]}
     for row in rows:
         trained = "aug-strength=1.0" in row[0]
         assert row[2].endswith("†") == trained  # paper rotates: rotation is in its training distribution
@@ -104,6 +108,10 @@ def test_robustness_table_keeps_in_training_shifts_apart(report):
         assert float(row[6]) == pytest.approx(sum(others) / len(others), abs=2e-4)
         if trained:
             assert float(row[5]) == pytest.approx(float(row[2].rstrip(" †")), abs=1e-4)
+        # the reference: the unaugmented runs of the same train-subset, over the same (noise, occlusion) shifts
+        reference = unaugmented[subset(row[0])]
+        expected = [float(reference[i]) for i in (3, 4)] if trained else [float(reference[i]) for i in (2, 3, 4)]
+        assert float(row[7]) == pytest.approx(sum(expected) / len(expected), abs=2e-4)
 
 
 def test_over_augmentation_and_time_to_accuracy_tables(report):

@@ -164,7 +164,7 @@ def _legend(figure: Figure, palette: dict[str, str]) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in palette.items()]
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=7)
+    figure.legend(handles=handles, loc="outside lower center", ncols=legend_columns(figure, handles, 4), fontsize=7)
 
 
 # ---- accuracy versus cost ----------------------------------------------------------------------------------
@@ -245,6 +245,14 @@ def curves_figure(panels: list[dict], palette: dict[str, str], title: str, log_x
     handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in palette.items()]
     if dashed_label:
         handles.append(Line2D([], [], color="0.3", linestyle="--", label=dashed_label))
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
+    figure.legend(handles=handles, loc="outside lower center", ncols=legend_columns(figure, handles, 3), fontsize=7)
     figure.suptitle(title, fontsize=10)
     return png(figure)
+
+
+def legend_columns(figure: Figure, handles: list, most: int) -> int:
+    """As many legend columns as the figure's width holds (long configuration labels in a one-panel figure
+    would otherwise run off both edges)."""
+    longest = max((len(handle.get_label()) for handle in handles), default=1)
+    entry_inches = 0.06 * longest + 0.5  # 7-point text is about 0.06 in a character, plus the marker
+    return max(1, min(most, len(handles), int(figure.get_figwidth() // entry_inches)))

@@ -407,17 +407,20 @@ def robustness_section(study: Study) -> list:
                                  "accuracy on shifted test sets (dashed: the policy trains on this shift)",
                                  dashed_label="the policy trains on this shift")
     header = ["configuration", "unshifted accuracy", *measured, "in training (mean)", "not in training (mean)",
-              SHIFT_MEAN]
+              "the same shifts, unaugmented runs", SHIFT_MEAN]
     rows = []
     for label in study.configurations:
         runs = study.table[study.labels == label]
         inside = _in_training(runs)
         means = {name: mean_ci(runs[f"shift_{name}_accuracy"])[0] for name in measured}
         split = [[means[name] for name in measured if (name in inside) == flag] for flag in (True, False)]
+        outside = [name for name in measured if name not in inside]
+        reference = _unaugmented_mean(study, runs, outside)
         clean = runs["shift_clean_accuracy"] if "shift_clean_accuracy" in runs else runs[ACCURACY]
         rows.append([label, number(mean_ci(clean)[0], ACCURACY),
                      *(number(means[name], "accuracy") + (" †" if name in inside else "") for name in measured),
                      *(number(sum(part) / len(part), "accuracy") if part else "none" for part in split),
+                     number(reference, "accuracy") if reference is not None and outside else "n/a",
                      number(mean_ci(runs[SHIFT_MEAN])[0], "accuracy") if SHIFT_MEAN in runs else "n/a"])
     return [Heading("Robustness to shifted test sets"), Image(
         "robustness", figure, "Mean accuracy against the severity of each shift of the test set (0: the same "
@@ -426,8 +429,27 @@ def robustness_section(study: Study) -> list:
         Text("Mean accuracy per shift over its severities, on the images the shifts were scored on "
              "(--shift-images: a fixed subset of the test set; unshifted accuracy: those images as they are); "
              "† marks a shift the configuration's policy trains on. "
-             "Gains on those are in-distribution; the column of shifts not in training shows out-of-distribution "
-             "robustness."), Table(header, rows)]
+             "Gains on those are in-distribution. The shifts not in training differ from policy to policy, so "
+             "their mean is set beside the mean of the unaugmented runs (policy none or aug-strength 0, at the "
+             "same levels of the other factors) over the same shifts: the difference is the out-of-distribution "
+             "gain."), Table(header, rows)]
+
+
+def _unaugmented_mean(study: Study, runs: pd.DataFrame, shifts: list[str]) -> float | None:
+    """The mean accuracy over `shifts` of the study's unaugmented runs (policy none or aug-strength 0) that
+    share the other factors' levels with `runs` (train-subset, model, …); None when the study has none."""
+    table = study.table
+    unaugmented = pd.Series(False, index=table.index)
+    if "policy" in table:
+        unaugmented |= table["policy"] == "none"
+    if STRENGTH in table:
+        unaugmented |= pd.to_numeric(table[STRENGTH], errors="coerce") == 0
+    same = [name for name in study.factors if name not in ("policy", STRENGTH)]
+    for name in same:
+        unaugmented &= table[name] == runs[name].iloc[0]
+    values = [mean_ci(table.loc[unaugmented, f"shift_{name}_accuracy"])[0] for name in shifts]
+    values = [value for value in values if math.isfinite(value)]
+    return sum(values) / len(values) if values and len(values) == len(shifts) else None
 
 
 def _rows_of(table: pd.DataFrame, label: str, factors: list[str]) -> pd.DataFrame:
