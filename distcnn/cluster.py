@@ -252,12 +252,19 @@ def link_counters(host: Host) -> dict:
             "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"]}
 
 
-def describe() -> dict:
-    """The cluster as it is now: what `distcnn cluster status` prints and a run on it records."""
-    present = hosts()
-    return {"hosts": [{"name": host.name, "address": host.address, "caps": caps(host)} | link_counters(host)
-                      for host in present],
+def layout(members: list[Host]) -> dict:
+    """The hosts' names, addresses and caps as the kernel has them: what a run on them records."""
+    return {"hosts": [{"name": host.name, "address": host.address, "caps": caps(host)} for host in members],
             "switch": SWITCH in namespaces()}
+
+
+def describe() -> dict:
+    """The cluster as it is now, with each host's link counters: what `distcnn cluster status` prints."""
+    present = hosts()
+    described = layout(present)
+    for entry, host in zip(described["hosts"], present):
+        entry |= link_counters(host)
+    return described
 
 
 def start_in(host: Host, argv: list[str], env: dict) -> subprocess.Popen:

@@ -191,13 +191,10 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
     members = cluster.ready_hosts(config.nnodes)
     if config.bandwidth is not None or config.delay is not None:
         cluster.set_caps(members, config.bandwidth, config.delay)
-    layout = cluster.describe()
-    layout["hosts"] = [{key: host[key] for key in ("name", "address", "caps")} for host in layout["hosts"]
-                       if host["name"] in {member.name for member in members}]
-    write_json(run_dir / "cluster.json", layout)  # the network the run had, for whoever compares runs
+    write_json(run_dir / "cluster.json", cluster.layout(members))  # the network the run had
     endpoint = f"{members[0].address}:{20000 + secrets.randbelow(20000)}"
     rdzv_id = f"distcnn-{secrets.token_hex(4)}"
-    agents = []
+    agents, first_failure = [], None  # first_failure: (host, exit code) of the agent that failed first
     try:
         for i, host in enumerate(members):
             env = os.environ | {HOST_ENV: host.name, "GLOO_SOCKET_IFNAME": cluster.INTERFACE,
@@ -205,15 +202,15 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
             argv = [sys.executable, "-m", "distcnn.node_agent", str(run_dir), host.address, endpoint, rdzv_id,
                     "1" if i == 0 else "0"]
             agents.append((host, cluster.start_in(host, argv, env)))
-        failed = None
-        while any(agent.poll() is None for _, agent in agents):
-            failed = failed or next(((host, agent.returncode) for host, agent in agents
-                                     if agent.returncode not in (None, 0)), None)
-            if failed:  # the others cannot finish without it; give them a moment to stop on their own
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline and any(agent.poll() is None for _, agent in agents):
-                    time.sleep(0.2)
+        deadline = None  # once an agent has failed, the others cannot finish: a moment to stop on their own
+        while True:
+            codes = [agent.poll() for _, agent in agents]  # every agent, each time (not any()'s first alive)
+            if None not in codes or (deadline is not None and time.monotonic() >= deadline):
                 break
+            if first_failure is None:
+                first_failure = next(((host, code) for (host, _), code in zip(agents, codes)
+                                      if code not in (None, 0)), None)
+                deadline = time.monotonic() + 15 if first_failure else None
             time.sleep(0.2)
     finally:
         for _, agent in agents:
@@ -225,7 +222,8 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
-    failed = next(((host, agent.returncode) for host, agent in agents if agent.returncode != 0), None)
+    failed = first_failure or next(((host, agent.returncode) for host, agent in agents if agent.returncode != 0),
+                                   None)  # the agents the loop stopped, or one that failed as the last exited
     if failed:
         host, code = failed
         raise WorkersFailed(code, f"the node agent on {host.name} failed with exit code {code}")

@@ -185,3 +185,35 @@ def test_a_study_on_the_emulated_cluster_refuses_before_its_first_run_when_no_cl
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert ("distcnn cluster up --hosts 2" in done.stderr) or ("needs root" in done.stderr)
     assert not (tmp_path / "out" / "study.db").exists()
+
+
+@needs_root
+def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_a_minute(tmp_path, cluster_down):
+    """The launcher watches every agent: one killed on host 2 ends the job (not the rendezvous's 5-minute wait)."""
+    import time
+
+    import psutil
+
+    from conftest import ROOT
+
+    assert run_cli("cluster", "up", "--hosts", "2").returncode == 0
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "distcnn", "train", "--cluster", "emulated", "--nnodes", "2",
+                            "--data", "synthetic:n=3000", "--epochs", "5", "--batch-size", "32", "--out", str(out)],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline:  # host 2's agent, once its workers train
+        agents = [p for p in psutil.process_iter(["cmdline"]) if "distcnn.node_agent" in (p.info["cmdline"] or [])
+                  and str(out) in p.info["cmdline"] and "198.18.0.2" in p.info["cmdline"]]
+        if agents and any("distcnn.worker" in " ".join(c.cmdline()) for c in agents[0].children(recursive=True)):
+            victim = agents[0]
+        time.sleep(0.2)
+    assert victim is not None, "host 2's agent never started its workers"
+    time.sleep(2)
+    victim.kill()
+    killed_at = time.monotonic()
+    _, stderr = job.communicate(timeout=240)
+    assert job.returncode == 1
+    assert time.monotonic() - killed_at < 60
+    assert "the node agent on distcnn-h2 failed" in stderr
