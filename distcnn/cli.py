@@ -182,18 +182,19 @@ def print_study_analysis(out, spec) -> None:
     table, order = load_source(out)
     responses = [r for r in spec.responses if r in table and table[r].notna().sum() >= 2]
     factors = [option_name(name) for name in spec.factors]
-    usable, skipped = [], []
+    results, skipped = [], {}
     for response in responses:  # one response without figures in some configurations (a target never
         try:                    # reached) must not take the others' analysis with it
-            analyze(table, factors, [response], order)
-            usable.append(response)
+            results.append(analyze(table, factors, [response], order))
         except UsageError as error:  # e.g. a factor whose runs all failed: the study itself is still recorded
-            skipped.append(f"no analysis of {response}: {error}")
-    if usable:
-        print_result(analyze(table, factors, usable, order), 0.05)
-    reasons = {line.split(": ", 1)[1] for line in skipped}
-    for line in ([f"no analysis: {reasons.pop()}"] if not usable and len(reasons) == 1 else skipped):
-        print(line)
+            skipped[response] = str(error)
+    for result in results:
+        print_result(result, 0.05)
+    if not results and len(set(skipped.values())) == 1:
+        print(f"no analysis: {next(iter(skipped.values()))}")
+    else:
+        for response, reason in skipped.items():
+            print(f"no analysis of {response}: {reason}")
 
 
 def command_cluster(args: argparse.Namespace) -> int:

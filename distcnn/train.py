@@ -58,6 +58,10 @@ def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplit
     data already loaded for these data options, as a study checking many configurations passes it)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    if config.cluster == "emulated":
+        from distcnn import cluster
+
+        cluster.ready_hosts(config.nnodes)  # root, iproute2 and enough hosts
     splits = splits if splits is not None else load_splits(config)
     build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size, config.aug_strength)
     shifts.parse_shifts(config.eval_shift)
@@ -113,10 +117,6 @@ def run(config: TrainConfig) -> dict | None:
 
     Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
     validate(config)
-    if config.cluster == "emulated":
-        from distcnn import cluster
-
-        cluster.ready_hosts(config.nnodes)  # root, iproute2 and enough hosts, before a run directory exists
     record, created = prepare_run_dir(config)
     if record.finished:
         say(f"{record.dir} is already finished; nothing to do")

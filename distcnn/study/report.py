@@ -391,8 +391,8 @@ def robustness_section(study: Study) -> list:
         scope = f" Runs with {SUBSET}={largest} (the most training images)."
     trained = {}  # label -> shifts its policy trains on
     panels = []
+    clean = table["shift_clean_accuracy"] if "shift_clean_accuracy" in table else table[ACCURACY]
     for name in measured:
-        clean = table["shift_clean_accuracy"] if "shift_clean_accuracy" in table else table[ACCURACY]
         long = pd.concat([table.assign(severity=0, value=clean)] + [
             table.assign(severity=severity, value=table.get(f"shift_{name}_s{severity}_accuracy"))
             for severity in SEVERITIES], ignore_index=True)

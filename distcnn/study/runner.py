@@ -59,7 +59,6 @@ class StudyRunner:
     def check_configurations(self) -> None:
         """Data, model, augmentation of every configuration checked before the first run starts."""
         loaded = {}  # data options -> splits: the data is loaded once, not once per configuration
-        emulated_nodes = 0
         for levels in self.spec.configurations():
             config = self.spec.run_config(levels, self.spec.seed, self.out / RUNS / "check", "check")
             key = train.data_options(config)
@@ -67,12 +66,6 @@ class StudyRunner:
                 loaded[key] = train.validate(config, loaded.get(key))
             except UsageError as error:
                 raise UsageError(f"configuration {describe(levels)}: {error}") from None
-            if config.cluster == "emulated":
-                emulated_nodes = max(emulated_nodes, config.nnodes)
-        if emulated_nodes:  # every run would fail the same way: say it once, before the study starts
-            from distcnn import cluster
-
-            cluster.ready_hosts(emulated_nodes)
 
     def pending(self) -> list[dict]:
         """Interrupted runs always run again; failed ones while they have retries left."""
