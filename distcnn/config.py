@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distcnn.cluster import parse_bandwidth, parse_delay
 from distcnn.errors import UsageError, nearest
 
+# CPU threads of a rank that trains on a GPU: its CPU work is launching kernels and a few small tensor ops;
+# per-sample augmentation runs in DataLoader workers, which have their own processes.
+GPU_THREADS_PER_RANK = 2
+
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adamw": {"lr": 2e-3, "weight_decay": 0.05}}
 
 
@@ -70,6 +74,14 @@ class TrainConfig(BaseModel):
     delay: str | None = Field(None, description="emulated cluster: one-way delay added per link, e.g. 1ms "
                               "(needs the kernel's netem)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present")
+    # speed of the step itself
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or mixed precision: autocast of forward and loss to bf16 or fp16 (fp16 with "
+                            "a gradient scaler)")
+    memory_format: Literal["auto", "channels-last", "contiguous"] = Field(
+        "auto", description="layout of images and conv weights (auto: the one measured faster on the device)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the model with this mode (reduce-overhead: CUDA graphs, GPU only)")
     # domain decomposition (CNN-DNN)
     strategy: Literal["ddp", "dd"] = Field("ddp", description="ddp: one model, data-parallel; dd: a CNN-DNN of "
                                            "local CNNs on subimages (see --grid, --dd-mode)")
@@ -150,10 +162,13 @@ class TrainConfig(BaseModel):
     def run_name(self) -> str:
         return self.name or f"{self.model}-{self.policy}"
 
-    def threads_per_rank(self, local_ranks: int | None = None) -> int:
-        """Cores shared evenly by the ranks of one machine, or ranks fight for cores."""
+    def threads_per_rank(self, local_ranks: int | None = None, gpu: bool = False) -> int:
+        """Cores shared evenly by the ranks of one machine, or ranks fight for cores. A rank that trains on a
+        GPU needs few CPU threads (GPU_THREADS_PER_RANK): more only spin while the GPU works."""
         if self.threads:
             return self.threads
+        if gpu:
+            return max(1, min(GPU_THREADS_PER_RANK, available_cores()))
         local = local_ranks or self.nproc_per_node
         if self.cluster == "emulated":  # every emulated host's ranks share this machine's cores
             local *= self.nnodes

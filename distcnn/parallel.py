@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distcnn.config import TrainConfig
-from distcnn.errors import WorkersFailed
+from distcnn.errors import UsageError, WorkersFailed
 from distcnn.telemetry.counters import HOST_ENV, host_name
 
 
@@ -40,10 +40,36 @@ class Ranks:
         return self.backend is not None
 
 
+def device_type(choice: str) -> str:
+    """`cuda` or `cpu`: what --device (auto, cpu, cuda) means on this machine."""
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    """One rank per GPU: local rank i trains on visible GPU i (check_gpus refuses more ranks than GPUs)."""
+    if device_type(choice) == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def local_ranks(config: TrainConfig) -> int:
+    """Ranks that share this machine: every emulated host's ranks run here too."""
+    return config.nproc_per_node * (config.nnodes if config.cluster == "emulated" else 1)
+
+
+def check_gpus(config: TrainConfig) -> None:
+    """One rank per visible GPU: more ranks than GPUs on a machine is refused before anything starts (NCCL
+    would end in "Duplicate GPU detected")."""
+    if device_type(config.device) != "cuda":
+        return
+    ranks, gpus = local_ranks(config), torch.cuda.device_count()
+    if ranks > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise UsageError(f"{ranks} ranks on this machine but {gpus} GPU{'s' if gpus != 1 else ''} visible"
+                         f"{shown}: distcnn runs one rank per GPU; use --nproc-per-node {gpus}"
+                         f"{' with fewer emulated hosts' if config.cluster == 'emulated' else ''}, "
+                         "or --device cpu")
 
 
 def setup(config: TrainConfig) -> Ranks:
@@ -53,8 +79,9 @@ def setup(config: TrainConfig) -> Ranks:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(config.threads_per_rank(local_world_size))
-    device = pick_device(config.device, local_rank)
+    # the emulated hosts of a cluster share this machine's GPUs: their ranks, not local ranks, pick one
+    device = pick_device(config.device, rank if config.cluster == "emulated" else local_rank)
+    torch.set_num_threads(config.threads_per_rank(local_world_size, gpu=device.type == "cuda"))
     backend = None
     if launched:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -166,7 +193,7 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    threads = config.threads_per_rank(config.nproc_per_node)
+    threads = config.threads_per_rank(config.nproc_per_node, gpu=device_type(config.device) == "cuda")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distcnn import comm, parallel, shifts
+from distcnn import comm, parallel, shifts, speed
 from distcnn.decomposition import strategy as decomposition
 from distcnn.augment import build_augment, build_batch_mix, get_policy
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
@@ -29,7 +29,7 @@ from distcnn.data import DataSplits, ImageSet, load_data
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.models import check_input_size, count_params, create_model, train_flops_per_image
 from distcnn.parallel import Ranks
-from distcnn.pipeline import EvalInputs, TrainInputs
+from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.telemetry.accounting import Accounting
 from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
 
@@ -58,6 +58,8 @@ def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplit
     data already loaded for these data options, as a study checking many configurations passes it)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    parallel.check_gpus(config)
+    speed.check(config.precision, config.compile, parallel.device_type(config.device))
     if config.cluster == "emulated":
         from distcnn import cluster
 
@@ -184,11 +186,15 @@ class Trainer:
                                  width=config.width)
         else:
             model = build_model(splits)
-        self.model = model.to(ranks.device)
+        self.layout = speed.resolve_layout(config.memory_format, ranks.device.type, config.precision)
+        self.memory_format = speed.torch_format(self.layout)
+        self.model = model.to(ranks.device, memory_format=self.memory_format)
+        self.precision = speed.Precision(config.precision, ranks.device)
         self.summary_extra = lambda summary: {}  # what a strategy adds to the summary
         self.params = count_params(self.model)
         self.flops_per_image = train_flops_per_image(self.model, splits.channels, splits.image_size)
-        self.inputs = TrainInputs(splits, config, ranks)
+        self.inputs = TrainInputs(splits, config, ranks, self.memory_format)
+        self.eval_batch = eval_batch_size(config.batch_size, splits.channels, splits.image_size)
         self.steps_per_epoch = len(self.inputs)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
@@ -204,6 +210,8 @@ class Trainer:
             ids = [ranks.device.index] if ranks.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             accounting.attach(self.ddp)
+        self.step_model = speed.compile_model(self.ddp, config.compile)  # what the step calls
+        self.compile_seconds: float | None = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -211,9 +219,12 @@ class Trainer:
         for p in self.model.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
         groups = [{"params": decay, "weight_decay": c.resolved_weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # On a GPU the fused update is one kernel for all parameters, and with fp16 it reads the scaler's
+        # overflow flag on the device (no host sync per step); on the CPU the default (foreach) update.
+        fused = {"fused": True} if self.ranks.device.type == "cuda" else {}
         if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.resolved_lr, momentum=c.momentum, nesterov=c.momentum > 0)
-        return torch.optim.AdamW(groups, lr=c.resolved_lr)
+            return torch.optim.SGD(groups, lr=c.resolved_lr, momentum=c.momentum, nesterov=c.momentum > 0, **fused)
+        return torch.optim.AdamW(groups, lr=c.resolved_lr, **fused)
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         total = max(1, self.config.epochs * self.steps_per_epoch)
@@ -230,6 +241,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.precision.load_state_dict(checkpoint.get("scaler"))
         self.state = self.state | checkpoint["state"]  # a checkpoint from before a new key keeps its default
         self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
         say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
@@ -248,7 +260,8 @@ class Trainer:
         if ranks.is_main:
             self.record.write_environment(describe_environment(
                 ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
-                ranks.backend or "none") | {"hosts": hosts})
+                ranks.backend or "none") | {"hosts": hosts} | self.speed_options())
+        self._compile()
         table = EpochTable(ranks)
         while state["epoch"] < c.epochs and not self._should_stop():
             epoch = state["epoch"]
@@ -256,9 +269,10 @@ class Trainer:
             accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
             val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) else None
+            eval_seconds = time.perf_counter() - eval_start
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
                    "images_per_second": images / seconds, "train_seconds": seconds,
-                   "epoch_seconds": seconds + time.perf_counter() - eval_start,
+                   "eval_seconds": eval_seconds, "epoch_seconds": seconds + eval_seconds,
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
                    } | accounting
@@ -280,6 +294,45 @@ class Trainer:
                 say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
                     f"{state['epoch']} ({state['wall_seconds']:.1f} s, {state['images_seen']:,} images)", ranks)
         self._finish()
+
+    def speed_options(self) -> dict:
+        c = self.config
+        return speed.describe(c.precision, c.memory_format, c.compile, self.ranks.device.type)
+
+    def _compile(self) -> None:
+        """Compile the step's model before the first epoch, on a batch of the training shape, so that compilation
+        is timed on its own (compile_seconds) and not inside epoch 1. The warm-up changes nothing: its gradients
+        are dropped, its communicated bytes are not counted, BatchNorm's running statistics are restored, and it
+        draws no random numbers before the epoch seeds its generator. reduce-overhead also records its CUDA
+        graphs here (they are recorded on a later call than the first)."""
+        if self.config.compile == "off":
+            return
+        saved = [buffer.clone() for buffer in self.model.buffers()]
+        x = torch.zeros(self.inputs.batch_shape, device=self.ranks.device).contiguous(memory_format=self.memory_format)
+        targets = torch.zeros(x.shape[0], dtype=torch.long, device=self.ranks.device)
+        self.step_model.train()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(3 if self.config.compile == "reduce-overhead" else 1):
+            self._step_begin()
+            with self.precision.autocast():
+                loss = self.criterion(self.step_model(x), targets)
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), saved):
+                buffer.copy_(value)
+        if self.accounting.counter is not None:
+            self.accounting.counter.take()
+        self.compile_seconds = parallel.all_reduce_max(seconds, self.ranks)
+        say(f"compiled the model ({self.config.compile}) in {self.compile_seconds:.1f} s", self.ranks)
+
+    def _step_begin(self) -> None:
+        """reduce-overhead: a new step begins, so the CUDA graphs may reuse the last step's output memory."""
+        if self.config.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _note_target(self, val_accuracy: float | None) -> bool:
         """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with
@@ -316,11 +369,13 @@ class Trainer:
                 timer.mark("data_wait")
                 x, targets = self.inputs.prepare(raw_images, raw_labels)
                 timer.mark("augmentation")
-                loss = self.criterion(self.ddp(x), targets)
+                self._step_begin()
+                with self.precision.autocast():
+                    loss = self.criterion(self.step_model(x), targets)
                 timer.mark("forward")
-                loss.backward()
+                self.precision.backward(loss)
                 timer.mark("backward")
-                self.optimizer.step()
+                self.precision.step(self.optimizer)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * x.shape[0]
@@ -338,18 +393,20 @@ class Trainer:
         if self.ranks.device.type == "cuda":
             torch.cuda.synchronize(self.ranks.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self, images, shift: shifts.Shift | None = None) -> float:
-        """Accuracy over a whole split (optionally shifted): each rank scores its shard, the counts are summed
-        over ranks."""
+        """Accuracy over a whole split (optionally shifted): each rank scores its shard in large batches, at the
+        run's precision, counting on the device (one read at the end); the counts are summed over ranks."""
         self.model.eval()
-        correct = total = 0
-        inputs = EvalInputs(images, self.splits.mean, self.splits.std, max(256, self.config.batch_size), self.ranks,
-                            shift)
-        for x, labels in inputs:
-            correct += (self.model(x).argmax(dim=1) == labels).sum().item()
-            total += labels.numel()
-        correct, total = parallel.all_reduce_sum([float(correct), float(total)], self.ranks)
+        correct = torch.zeros((), dtype=torch.long, device=self.ranks.device)
+        total = 0
+        inputs = EvalInputs(images, self.splits.mean, self.splits.std, self.eval_batch, self.ranks, shift,
+                            self.memory_format)
+        with self.precision.autocast():
+            for x, labels in inputs:
+                correct += (self.model(x).argmax(dim=1) == labels).sum()
+                total += labels.numel()
+        correct, total = parallel.all_reduce_sum([float(correct.item()), float(total)], self.ranks)
         return correct / total if total else math.nan
 
     def _evaluate_shifts(self) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
@@ -382,7 +439,8 @@ class Trainer:
             save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
         save_checkpoint(self.record.path(CHECKPOINT), {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "state": copy.deepcopy(self.state)})
+            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
+            "state": copy.deepcopy(self.state)})
         self.record.write_epochs(self.state["history"])
 
     def _finish(self) -> None:
@@ -401,6 +459,7 @@ class Trainer:
             "model": self.config.model,
             "policy": self.config.policy,
             "aug_backend": self.config.aug_backend,
+            **self.speed_options(),
             "data": self.splits.name,
             "world_size": self.ranks.world_size,
             "test_accuracy": test_accuracy,
@@ -409,6 +468,8 @@ class Trainer:
             "epochs_run": state["epoch"],
             "stopped_early": state["epoch"] < self.config.epochs,
             "train_seconds": state["train_seconds"],
+            "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state["history"]),
+            "compile_seconds": self.compile_seconds,
             "images_seen": state["images_seen"],
             "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
             "params": self.params,

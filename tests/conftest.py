@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m distcnn ARGS` as a user would type it, with output captured."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m distcnn ARGS` as a user would type it (`env`: variables to add), with output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1") | (env or {})
     return subprocess.run([sys.executable, "-m", "distcnn", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

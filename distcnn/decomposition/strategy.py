@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distcnn import parallel
+from distcnn import parallel, speed
 from distcnn.checkpoint import load_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.data import DataSplits
@@ -120,7 +120,9 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     if ranks.is_main:
         record.write_environment(describe_environment(ranks.world_size, ranks.local_world_size,
                                                       torch.get_num_threads(), str(ranks.device),
-                                                      ranks.backend or "none") | {"hosts": hosts})
+                                                      ranks.backend or "none") | {"hosts": hosts}
+                                 | speed.describe(config.precision, config.memory_format, config.compile,
+                                                  ranks.device.type))
         _aggregate(config, record, splits, layout, everyone)
     parallel.barrier(ranks)
 
