@@ -28,6 +28,7 @@ STATUSES = ("pending", "running", "done", "failed")
 # over the severities).
 KNOWN_RESPONSES = (
     "test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second", "params",
+    "compile_seconds", "eval_seconds",
     "train_flops_per_image", "achieved_flops_per_s", "cpu_percent_mean", "process_cpu_percent_mean",
     "cpu_seconds_total", "mem_percent_mean", "rss_peak_bytes", "gpu_util_percent_mean", "gpu_memory_peak_bytes",
     "net_packets_per_s_mean", "net_bytes_per_s_mean", "net_bytes_total", "energy_joules", "comm_bytes_per_step",
