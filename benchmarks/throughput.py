@@ -4,7 +4,7 @@ All rows come from one run, measured in interleaved rounds (this machine is nois
 mean more than absolute figures). Per model, at batch 128 on one rank:
   model-only            training steps on resident, already-normalised batches (no input pipeline at all)
   none                  the whole pipeline (gather, to device, normalise) with policy none
-  paper batched         + the `paper` policy on the whole batch (kornia)
+  paper batched         + the `paper` policy on the whole batch, on the device
   paper per-sample/wN   + the `paper` policy image by image in N DataLoader workers (torchvision v2)
 Then augmentation alone: one batch through the batched backend vs the same images one by one.
 
@@ -169,7 +169,7 @@ def main() -> None:
     aug = Table(title=f"`paper` augmentation alone, one batch of {args.batch} (one process)")
     for column in ("backend", "ms per batch", "images/s"):
         aug.add_column(column, justify="left" if column == "backend" else "right")
-    aug.add_row("batched (kornia)", f"{batched_s * 1e3:.2f}", f"{args.batch / batched_s:,.0f}")
+    aug.add_row("batched", f"{batched_s * 1e3:.2f}", f"{args.batch / batched_s:,.0f}")
     aug.add_row("per-sample (torchvision v2)", f"{per_sample_s * 1e3:.2f}", f"{args.batch / per_sample_s:,.0f}")
     aug.add_row("batched speed-up", "", f"{per_sample_s / batched_s:.1f}×")
     console.print(aug)

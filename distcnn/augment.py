@@ -9,22 +9,29 @@ One sampler, `sample_draws`, draws for every image and slot the op it applies an
 kinds turn those numbers into parameters (an angle, a crop box, a factor) with code shared by both backends,
 which only *apply* them:
 
-- **batched** (`BatchedAugment`, the default): a whole float batch on the training device. Consecutive
+- **batched** (`BatchedAugment`, the default): a whole float batch on the training device, never waiting for
+  it: nothing is read back to the host, and the ops dispatched depend only on the policy and the batch's shape,
+  not on what the images drew (so a GPU is not stalled and torch.compile traces one graph). Consecutive
   geometric slots (rotation, shear, translation, resized crop, flip) are composed into one affine map per
-  image and applied by one bilinear warp per batch; colour ops take one factor per image as broadcast
-  tensor ops. Where the images of a slot drew different ops, each op runs once, on the images that drew it
-  (index select, op, index copy: one host sync per op present, which is cheap next to a training step).
-- **per-sample** (`PerSampleAugment`): one uint8 image in a DataLoader worker, through
+  image and applied by one bilinear warp per batch. Every op of a slot is computed for every image, and each
+  image keeps what its own draw gives: a geometric op's map (a few numbers per image) is selected per image
+  before the warp; a colour op that some value leaves exactly as it is (the blends at factor 1, solarize at a
+  threshold no pixel reaches, autocontrast told not to stretch) gets that value on the images that did not
+  draw it, and the others (posterize, equalize) are selected per image with torch.where. An image that drew
+  nothing keeps its pixels bit for bit.
+- **per-sample** (`PerSampleAugment`): one uint8 image at a time in a DataLoader worker, through
   `torchvision.transforms.v2.functional`. The composed map goes through `v2.functional.perspective` (an
   affine map is a perspective with a zero last row), so both backends resample each image once, bilinearly,
   with zero fill, at the same coordinates; colour ops are torchvision's functionals with the drawn factors.
+  `augment_many` takes a worker's whole batch of images: one draw and one parameter computation for all of
+  them, then torchvision image by image.
 
 The two are therefore the same distribution by construction, and the same draws give the same image up to float
 rounding and the final uint8 quantisation (tests/test_augment.py checks this op by op and policy by policy).
 
 Why not kornia's own auto-augment modules: in kornia 0.9.0 `kornia.augmentation.auto.TrivialAugment` and
 `RandAugment` pick their op(s) in `get_forward_sequence` once per forward call, so every image of a batch gets
-the same op. distcnn draws the op per image and runs each op on the subset of images that drew it.
+the same op. distcnn draws the op per image.
 
 Decisions (each also stated where it is implemented):
 - `paper` shear 0.2 is a shear *angle* of up to 0.2 rad (11.5 degrees) in x, as Keras' `shear_range`; it is
@@ -51,13 +58,15 @@ Decisions (each also stated where it is implemented):
   down to 1 bit, solarize from 0); a resized crop scales what it cuts away (1 - area, area at least 1 %) and
   the log of its aspect ratio. s = 1 is the policy itself (bit-identical), s = 0 is no augmentation.
   MixUp and CutMix keep their own alphas.
-- What the batched backend takes from kornia: the warp (kornia.geometry.transform.warp_affine, one call per
-  batch for all composed geometric ops), solarize and equalize (kornia.enhance). The rest is plain torch where
-  that measured faster on CPU (batch 128, 2 threads; numbers at each function): brightness, contrast, saturation and sharpness are kornia's blends done in
-  place (0.17 vs 3.7 ms for the three of `paper` on 128x3x32x32: kornia allocates image-sized temporaries,
-  which the allocator returns and re-faults every batch); kornia's posterize (255-scaled integers) and equalize
-  binning (trunc 255 x) differ slightly from torchvision's, so posterize is written out and equalize is given
-  torchvision's bins. Colour ops follow torchvision's float definitions throughout.
+- The batched backend is plain torch, chosen for what it costs on CPU (batch 128, 2 threads; numbers at each
+  function) and for never reading a value back to the host. The warp is torch's affine_grid and grid_sample
+  (bilinear, zero fill, align_corners=True: the points kornia's warp_affine with align_corners=True samples, in
+  fewer ops), one call per batch for all composed geometric ops. Brightness, contrast, saturation and sharpness
+  are kornia's blends done in place (0.17 vs 3.7 ms for the three of `paper` on 128x3x32x32: kornia allocates
+  image-sized temporaries, which the allocator returns and re-faults every batch). Posterize and equalize are
+  torchvision's rules written out for the batch: kornia's posterize works on 255-scaled integers, its equalize
+  bins by trunc(255 x) and loops over the images in Python, reading values back to the host. Colour ops follow
+  torchvision's float definitions throughout.
 """
 
 from __future__ import annotations
@@ -68,7 +77,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-import kornia
 import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
@@ -216,19 +224,15 @@ class Affine(NamedTuple):
         return Affine(a, b, -_add(_mul(a, self.tx), _mul(b, self.ty)),
                       c, d, -_add(_mul(c, self.tx), _mul(d, self.ty)))
 
-    def where(self, mask: Tensor) -> Affine:
-        """This map for the images where mask holds, the identity elsewhere."""
-        return Affine(*(e if isinstance(e, float) and e == i else torch.where(mask, e, i)
-                        for e, i in zip(self, Affine())))
+    def where(self, mask: Tensor, other: Affine | None = None) -> Affine:
+        """This map for the images where mask holds, `other` (default: the identity) elsewhere."""
+        return Affine(*(e if isinstance(e, float) and isinstance(o, float) and e == o else torch.where(mask, e, o)
+                        for e, o in zip(self, other or Affine())))
 
     def rows(self, n: int, device: torch.device) -> Tensor:
         """(n, 2, 3) float32."""
         return torch.stack([e.float() if isinstance(e, Tensor) else torch.full((n,), e, device=device)
                             for e in self], dim=1).view(n, 2, 3)
-
-    @staticmethod
-    def from_rows(m: Tensor) -> Affine:
-        return Affine(*m.flatten(1).unbind(1))
 
 
 class Kind:
@@ -236,12 +240,15 @@ class Kind:
 
     Geometric kinds give a forward map (`matrix`, an Affine in pixels about the image centre), which the backends
     compose and resample once. Colour kinds give one value per image (`value`) and apply it to a batch
-    (`batched`: tensor ops or kornia) or to one image (`per_sample`: torchvision v2)."""
+    (`batched`: tensor ops) or to one image (`per_sample`: torchvision v2). A colour kind with a `neutral` value,
+    one that leaves every image exactly as it is, is applied by the batched backend to the whole batch with that
+    value on the images that did not draw it; the others are applied to the whole batch and selected per image."""
 
     geometric = False
     rgb_only = False
     noop = False
     limit: float | None = None  # the largest strength that is still defined (None: any)
+    neutral: float | None = None  # colour kinds: the value that leaves an image bit for bit as it is, if any
 
     def scaled(self, op: Op, s: float) -> Op:
         """`op` at augmentation strength s: its strength range times s, clamped to [0, limit], and its
@@ -259,7 +266,9 @@ class Kind:
         return torch.zeros(u.shape[0], device=u.device)
 
     def batched(self, x: Tensor, v: Tensor) -> Tensor:
-        """Apply to a batch with one value per image; may work in place on x, which the caller owns."""
+        """Apply to a batch with one value per image. A kind with a `neutral` value may work in place on x (which
+        the caller then owns); the others leave x as it is and return a new tensor, into which the caller selects
+        x for the images that did not draw the op."""
         raise NotImplementedError
 
     def per_sample(self, x: Tensor, v: float) -> Tensor:
@@ -364,6 +373,8 @@ class ResizedCrop(Kind):
 # and adjust_saturation_with_gray_subtraction compute the same blends but allocate three or four image-sized
 # temporaries each, and on CPU the allocator then returns and re-faults that memory every batch (the three on
 # 128x3x32x32, median of many calls: 3.7 ms with kornia, 0.17 ms in place with 2 threads; 4.3 vs 0.29 with 1).
+# At factor 1 each blend leaves an image bit for bit as it is (x * 1 + 0 * anything finite), which lets the
+# batched backend run a blend on a whole batch of which only some images drew it.
 
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's luma weights
 
@@ -379,8 +390,9 @@ def _brightness_(x: Tensor, v: Tensor) -> Tensor:
 def _contrast_(x: Tensor, v: Tensor) -> Tensor:
     """Blend with the mean grey level of each image (the mean of the luma, taken per channel first)."""
     f = _factor(v, x)
-    if x.shape[1] == 3:
-        mean = (x.mean(dim=(-2, -1)) * x.new_tensor(_GREY)).sum(1).view(-1, 1, 1, 1)
+    if x.shape[1] == 3:  # the weights as numbers: a tensor made of them would be a blocking copy to the device
+        m = x.mean(dim=(-2, -1))
+        mean = (m[:, 0] * _GREY[0]).add_(m[:, 1], alpha=_GREY[1]).add_(m[:, 2], alpha=_GREY[2]).view(-1, 1, 1, 1)
     else:
         mean = x.mean(dim=(-3, -2, -1), keepdim=True)
     return x.mul_(f).add_(mean * (1 - f)).clamp_(0.0, 1.0)
@@ -397,12 +409,13 @@ def _saturation_(x: Tensor, v: Tensor) -> Tensor:
 def _sharpness_(x: Tensor, v: Tensor) -> Tensor:
     """Blend the interior with a 3x3 smoothing (1s around a 5, over 13), borders kept: PIL's and torchvision's
     rule. The smoothing is a 3x3 box sum (two passes of shifted views) plus 4x the centre: a convolution
-    (kornia's grouped one, or a plain one) costs about 0.5 ms per call on CPU even for a handful of images."""
-    rows = x[..., :, :-2] + x[..., :, 1:-1] + x[..., :, 2:]
-    smooth = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+    (kornia's grouped one, or a plain one) costs about 0.5 ms per call on CPU even for a handful of images.
+    The blend is written x + (1 - f) (smooth - x), which is x exactly at f = 1 (f x + (1 - f) smooth is not)."""
+    rows = (x[..., :, :-2] + x[..., :, 1:-1]).add_(x[..., :, 2:])
+    smooth = (rows[..., :-2, :] + rows[..., 1:-1, :]).add_(rows[..., 2:, :])
     inner = x[..., 1:-1, 1:-1]
     smooth.add_(inner, alpha=4.0).div_(13.0)
-    inner.sub_(smooth).mul_(_factor(v, x)).add_(smooth)
+    inner.add_(smooth.sub_(inner).mul_(1 - _factor(v, x)))
     return x.clamp_(0.0, 1.0)
 
 
@@ -410,6 +423,7 @@ class Enhance(Kind):
     """Blend-style colour ops: factor = 1 + strength; 1 leaves the image as is."""
 
     limit = 1.0  # a signed strength beyond 1 would give a negative factor
+    neutral = 1.0
 
     def __init__(self, batched: Callable[[Tensor, Tensor], Tensor], per_sample: Callable[[Tensor, float], Tensor],
                  rgb_only: bool = False):
@@ -436,46 +450,72 @@ class Posterize(Kind):
 
     def batched(self, x, v):
         levels = torch.exp2(_factor(v, x))
-        return torch.minimum(x.mul_(levels).floor_(), levels - 1).div_(levels)
+        return x.mul(levels).floor_().clamp_(max=levels - 1).div_(levels)
 
     def per_sample(self, x, v):
         return TF.posterize(x, int(v))
 
 
 class Solarize(Kind):
-    """Invert pixels at or above the threshold 1 - strength."""
+    """Invert pixels at or above the threshold 1 - strength (an infinite threshold inverts none).
+
+    The batched op is |x - m| in place, with m = sign(sign(x - t) + 1): 1 where x >= t (x - t >= 0 exactly
+    then), 0 elsewhere; |x - 1| is 1 - x and |x - 0| is x, bit for bit, for x in [0, 1]. On CPU a comparison to
+    a bool tensor and a select on it are not vectorised: torch.where(x >= t, 1 - x, x) takes 1.2 ms on
+    128x3x32x32 (2 threads), this 0.2."""
 
     limit = 1.0
+    neutral = math.inf
 
     def value(self, op, u):
         return 1.0 - strength(op, u)
 
     def batched(self, x, v):
-        return kornia.enhance.solarize(x, v.to(x.dtype))
+        return x.sub_((x - _factor(v, x)).sign_().add_(1.0).sign_()).abs_()
 
     def per_sample(self, x, v):
         return TF.solarize(x, v)
 
 
 class AutoContrast(Kind):
-    """Stretch each channel to [0, 1]; a flat channel is left as is (kornia has no such functional)."""
+    """Stretch each channel to [0, 1]; a flat channel is left as is. The batched value says whether to stretch
+    (1) or not (0, neutral: (x - 0) / 1 is x exactly)."""
+
+    neutral = 0.0
+
+    def value(self, op, u):
+        return torch.ones(u.shape[0], device=u.device)
 
     def batched(self, x, v):
         low = x.amin(dim=(-2, -1), keepdim=True)
         span = x.amax(dim=(-2, -1), keepdim=True) - low
-        flat = span == 0
-        return x.sub_(low.masked_fill_(flat, 0.0)).div_(span.masked_fill_(flat, 1.0)).clamp_(0.0, 1.0)
+        keep = (span == 0) | (v.view(-1, 1, 1, 1) == 0)
+        return x.sub_(low.masked_fill_(keep, 0.0)).div_(span.masked_fill_(keep, 1.0)).clamp_(0.0, 1.0)
 
     def per_sample(self, x, v):
         return TF.autocontrast(x)
 
 
 class Equalize(Kind):
-    """Histogram equalisation per channel, PIL's rule. torchvision bins a float pixel by trunc(255.999 x), kornia
-    by trunc(255 x): kornia is given the centres of torchvision's bins so both count the same pixels."""
+    """Histogram equalisation per channel by PIL's rule, as torchvision's tensor kernel has it (the per-sample
+    backend calls that kernel; the tests check that both give the same pixels). A pixel's level is
+    trunc(255.999 x); step is the number of pixels not on the highest level present, // 255; each level maps to
+    (pixels on lower levels + step // 2) // step, at most 255, and a channel with step 0 keeps its levels.
+
+    Written out for the batch, in float arithmetic (exact below 2^24 pixels per channel): torchvision's kernel
+    takes a batch too and reads nothing back to the host, but converts the batch to uint8, to int64 and back and
+    counts by adding an int32 one per pixel: 2.5 ms against 1.3 on 128x3x32x32 (2 threads)."""
 
     def batched(self, x, v):
-        return kornia.enhance.equalize(x.mul_(255.999).floor_().add_(0.5).div_(255))
+        n, c, h, w = x.shape
+        level = x.mul(255.999).long().view(n * c, h * w)
+        hist = x.new_zeros(n * c, 256).scatter_add_(1, level, x.new_ones(1).expand(n * c, h * w))
+        upto = hist.cumsum(1)  # pixels on this level or below
+        highest = upto.lt(h * w).sum(1, keepdim=True)  # the levels below the highest present
+        step = hist.gather(1, highest).neg_().add_(h * w).div_(255).floor_()
+        lut = upto.sub_(hist).add_(step.div(2).floor_()).div_(step.clamp(min=1)).floor_().clamp_(max=255)
+        lut = torch.where(step > 0, lut, torch.arange(256.0, device=x.device)).mul_(1 / 255)
+        return lut.gather(1, level).view(n, c, h, w)
 
     def per_sample(self, x, v):
         return TF.equalize(x)
@@ -656,16 +696,23 @@ class BatchedAugment(nn.Module):
     """A policy on whole float batches (B, C, H, W) in [0, 1] on any device, with per-image random parameters.
 
     `policy` is a registered name or a Policy; `channels` (1 or 3) selects the ops that apply; `image_size` is
-    the run's image size, checked here; the ops themselves scale with the size of the batch they get."""
+    the run's image size, checked here; the ops themselves scale with the size of the batch they get.
+
+    Nothing here reads a tensor's values on the host, and which ops run depends only on the policy and the
+    batch's shape: each op of a slot runs on the whole batch and every image keeps the result of its own draw
+    (see Kind.neutral), so `apply_draws` compiles to one graph (torch.compile, fullgraph=True)."""
 
     def __init__(self, policy: Policy | str, channels: int, image_size: int):
         super().__init__()
         self.policy = _resolve(policy, channels, image_size)
         self.channels, self.image_size = channels, image_size
         self._groups = _plan(self.policy)
-        # per slot, the indices of its geometric and of its colour ops (identity is neither)
-        self._geometric = [[j for j, op in enumerate(s.ops) if KINDS[op.kind].geometric] for s in self.policy.slots]
-        self._colour = [[j for j, op in enumerate(s.ops) if not KINDS[op.kind].geometric and not KINDS[op.kind].noop]
+        # per slot, the indices of the geometric and of the colour ops it can draw (identity is neither, and an op
+        # of probability 0 is never drawn: it costs nothing)
+        self._geometric = [[j for j, op in enumerate(s.ops) if op.p > 0 and KINDS[op.kind].geometric]
+                           for s in self.policy.slots]
+        self._colour = [[j for j, op in enumerate(s.ops)
+                         if op.p > 0 and not KINDS[op.kind].geometric and not KINDS[op.kind].noop]
                         for s in self.policy.slots]
 
     def extra_repr(self) -> str:
@@ -696,6 +743,9 @@ class BatchedAugment(nn.Module):
         return x
 
     def _warp_group(self, x: Tensor, draws: Draws, group: _Group, height: int, width: int) -> Tensor:
+        """One resampling of the batch through each image's composition of the group's maps. Where no slot of the
+        group always moves every image, the images that drew no geometric op keep their pixels (the warp through
+        the identity map reproduces them only up to rounding)."""
         affine, moved = None, None
         for s in group.slots:
             slot_affine, slot_moved = self._slot_affine(draws, s, height, width)
@@ -706,81 +756,81 @@ class BatchedAugment(nn.Module):
                 moved = slot_moved if moved is None else moved | slot_moved
         if affine is None:
             return x
-        if group.always_moves:
-            return _warp(x, affine)
-        idx = moved.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return x
-        subset = Affine(*(e.index_select(0, idx) if isinstance(e, Tensor) else e for e in affine))
-        return x.index_copy(0, idx, _warp(x.index_select(0, idx), subset))
+        warped = _warp(x, affine)
+        return warped if group.always_moves else _select(moved, warped, x)
 
     def _slot_affine(self, draws: Draws, s: int, height: int, width: int) -> tuple[Affine | None, Tensor | None]:
-        """Per-image maps of slot s (identity where an image drew no geometric op), and which images moved."""
+        """Per-image maps of slot s (identity where an image drew no geometric op), and which images it moves
+        (None: all). Each geometric op's map is computed for every image and selected by the image's choice."""
         ops, geometric = self.policy.slots[s].ops, self._geometric[s]
         if not geometric:
             return None, None
         choice, u = draws.choice[:, s], draws.u[:, s]
-        if len(ops) == 1:
-            affine = KINDS[ops[0].kind].matrix(ops[0], u, height, width)
-            if ops[0].p >= 1.0:
-                return affine, None  # every image moves
-            moved = choice >= 0
-            return affine.where(moved), moved
-        rows = Affine().rows(choice.shape[0], u.device)
-        moved = torch.zeros_like(choice, dtype=torch.bool)
+        if len(ops) == 1 and ops[0].p >= 1.0:
+            return KINDS[ops[0].kind].matrix(ops[0], u, height, width), None
+        affine, moved = Affine(), None
         for j in geometric:
             hit = choice == j
-            idx = hit.nonzero().squeeze(1)
-            if idx.numel():
-                rows[idx] = KINDS[ops[j].kind].matrix(ops[j], u[idx], height, width).rows(len(idx), u.device)
-                moved |= hit
-        return Affine.from_rows(rows), moved
+            affine = KINDS[ops[j].kind].matrix(ops[j], u, height, width).where(hit, affine)
+            moved = hit if moved is None else moved | hit
+        return affine, moved
 
     def _colour_slot(self, x: Tensor, owned: bool, draws: Draws, s: int) -> tuple[Tensor, bool]:
+        """The colour ops of slot s, each on the whole batch: an image that did not draw an op gets the op's
+        neutral value, or keeps its pixels through torch.where where the op has none."""
         ops, colour = self.policy.slots[s].ops, self._colour[s]
         if not colour:
             return x, owned
         choice, u = draws.choice[:, s], draws.u[:, s]
-        if len(ops) == 1 and ops[0].p >= 1.0:  # every image: no indexing
-            kind = KINDS[ops[0].kind]
-            return kind.batched(x if owned else x.clone(), kind.value(ops[0], u)), True
-        present = torch.bincount(choice + 1, minlength=len(ops) + 1).tolist()  # one sync for the whole slot
+        every = len(ops) == 1 and ops[0].p >= 1.0  # every image applies the slot's one op
         for j in colour:
-            if present[j + 1] == 0:
-                continue
-            if not owned:
-                x, owned = x.clone(), True
-            idx = (choice == j).nonzero().squeeze(1)
             kind = KINDS[ops[j].kind]
-            x.index_copy_(0, idx, kind.batched(x.index_select(0, idx), kind.value(ops[j], u.index_select(0, idx))))
+            v = kind.value(ops[j], u)
+            if kind.neutral is None:  # a new tensor, into which the images that did not draw the op keep x
+                y = kind.batched(x, v)
+                x = y if every else _select(choice == j, y, x)
+            else:  # in place, on a copy unless x is ours
+                x = kind.batched(x if owned else x.clone(), v if every else torch.where(choice == j, v, kind.neutral))
+            owned = True
         return x, owned
 
 
-def _warp(x: Tensor, affine: Affine) -> Tensor:
-    """Resample x (B, C, H, W) through per-image forward maps with kornia's warp_affine: bilinear, zero fill.
+def _select(mask: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """y for the images where mask holds, x elsewhere, written into y (a new tensor of the caller's): on CPU a
+    new image-sized result would be memory mapped and faulted in afresh every batch."""
+    return torch.where(mask.view(-1, 1, 1, 1), y, x, out=y)
 
-    The maps are kept about the image centre (so composing ops needs no size); kornia wants them about pixel
-    (0, 0), hence the shift by the centre (cx, cy) before the call.
+
+def _warp(x: Tensor, affine: Affine) -> Tensor:
+    """Resample x (B, C, H, W) through per-image forward maps: bilinear, zero fill, one grid_sample per batch.
+
+    grid_sample reads the input at normalised coordinates in which -1 and 1 are the first and last pixel centres
+    (align_corners=True, the points kornia's warp_affine with align_corners=True samples). The grid is the
+    inverse map (each output pixel's source), which about the image centre, as the maps are kept, only needs
+    rescaling by half the distance between the outer pixel centres, (size - 1) / 2 per axis.
     """
-    height, width = x.shape[-2:]
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    a, b, tx, c, d, ty = affine
-    about_origin = Affine(a, b, _add(_add(tx, cx), -_add(_mul(a, cx), _mul(b, cy))),
-                          c, d, _add(_add(ty, cy), -_add(_mul(c, cx), _mul(d, cy))))
-    matrix = about_origin.rows(x.shape[0], x.device).to(x.dtype)
-    return kornia.geometry.transform.warp_affine(x, matrix, (height, width), mode="bilinear",
-                                                 padding_mode="zeros", align_corners=True)
+    n, channels, height, width = x.shape
+    sx, sy = (width - 1) / 2, (height - 1) / 2
+    a, b, tx, c, d, ty = affine.inverse()
+    theta = Affine(a, _mul(b, sy / sx), _mul(tx, 1 / sx), _mul(c, sx / sy), d, _mul(ty, 1 / sy))
+    grid = nn.functional.affine_grid(theta.rows(n, x.device).to(x.dtype), [n, channels, height, width],
+                                     align_corners=True)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 # ---------------------------------------------------------------- per-sample backend
 
 
 class PerSampleAugment:
-    """A policy on one uint8 image (C, H, W) at a time, for DataLoader workers (picklable; torchvision v2).
+    """A policy on uint8 images (C, H, W) one at a time, for DataLoader workers (picklable; torchvision v2).
 
-    The image is converted to float [0, 1] once, augmented with the same kind of draws and the same parameter code
-    as the batched backend, and rounded back to uint8 at the end. Draws come from torch's global RNG in the
-    worker process, which DataLoader seeds per worker."""
+    Each image is converted to float [0, 1], augmented with the same kind of draws and the same parameter code as
+    the batched backend, and rounded back to uint8 at the end. Draws come from torch's global RNG in the worker
+    process, which DataLoader seeds per worker. `augment_many` is for a Dataset's __getitems__, which gets a
+    worker's whole batch of indices: it draws and computes the parameters for all of those images at once. Per
+    image those dozens of tiny tensor ops cost more than torchvision's own work: `paper` on 1x28x28 (1 thread)
+    takes 150 us per image through augment_many of 128, 530 through __call__ (torchvision's own v2 pipeline for
+    the recipe: 570)."""
 
     def __init__(self, policy: Policy | str, channels: int, image_size: int):
         self.policy = _resolve(policy, channels, image_size)
@@ -795,31 +845,83 @@ class PerSampleAugment:
             raise ValueError(f"expected a uint8 image ({self.channels}, H, W), got {tuple(image.shape)} {image.dtype}")
         if not self.policy.slots:
             return image
-        x = TF.to_dtype(image, torch.float32, scale=True)
-        x = self.apply_draws(x, sample_draws(self.policy, 1), 0)
-        # Round to the nearest level (to_dtype truncates 255.999 x: about half a level darker on average).
-        return x.mul_(255).round_().to(torch.uint8)
+        return self._augment(image.unsqueeze(0), sample_draws(self.policy, 1))[0]
+
+    def augment_many(self, images: Tensor, draws: Draws | None = None) -> Tensor:
+        """uint8 (B, C, H, W) -> uint8 (B, C, H, W), each image with its own draw, as B calls would give: one
+        sample_draws for all, then torchvision image by image. `draws` (one row per image) replaces the sampled
+        ones."""
+        if images.ndim != 4 or images.shape[1] != self.channels or images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images (B, {self.channels}, H, W), got {tuple(images.shape)} "
+                             f"{images.dtype}")
+        if not self.policy.slots or images.shape[0] == 0:
+            return images
+        return self._augment(images, sample_draws(self.policy, images.shape[0]) if draws is None else draws)
 
     @torch.no_grad()
     def apply_draws(self, x: Tensor, draws: Draws, index: int = 0) -> Tensor:
-        """Apply row `index` of `draws` to one float image (C, H, W) in [0, 1]."""
-        height, width = x.shape[-2:]
-        choice = draws.choice[index].tolist()
-        u = draws.u[index].cpu()
-        for group in self._groups:
-            affine = None
-            for s in group.slots:
-                if choice[s] < 0:
-                    continue
-                op = self.policy.slots[s].ops[choice[s]]
-                kind = KINDS[op.kind]
-                if kind.geometric:
-                    m = kind.matrix(op, u[s : s + 1], height, width)
-                    affine = m if affine is None else affine.then(m)
-                elif not kind.noop:
-                    x = kind.per_sample(x, float(kind.value(op, u[s : s + 1])[0]))
-            if affine is not None:
-                x = _transform_one(x, affine)
+        """Apply row `index` of `draws` to one float image (C, H, W) in [0, 1]. The parameters are computed for
+        every row, as augment_many does, so that both give the same image for the same draws."""
+        return self._apply(x, self._steps(draws, *x.shape[-2:])[index])
+
+    @torch.no_grad()
+    def _augment(self, images: Tensor, draws: Draws) -> Tensor:
+        """uint8 (B, C, H, W) through float [0, 1], image by image, and back."""
+        x = TF.to_dtype(images, torch.float32, scale=True)
+        out = torch.empty_like(images)
+        for i, steps in enumerate(self._steps(draws, *images.shape[-2:])):
+            # Round to the nearest level (to_dtype truncates 255.999 x: about half a level darker on average).
+            out[i] = self._apply(x[i], steps).mul_(255).round_()
+        return out
+
+    def _steps(self, draws: Draws, height: int, width: int) -> list[list[Affine | tuple[Kind, float]]]:
+        """Per image, what it applies, in order: (colour kind, value) pairs and, after each group of slots that
+        moves it, the group's composed map, all in Python numbers. Each op that some image drew has its parameters
+        computed once for all images by the kinds' tensor code, and the per-image numbers among them are read out
+        in one go: per image, only the composition and torchvision remain."""
+        choice = draws.choice.tolist()
+        columns: list[Tensor] = []  # per-image numbers, (n,) each
+
+        def entry(e: Entry) -> float | int:
+            """A number shared by all images stays a (float) number; per-image ones become their column's (int)."""
+            if not isinstance(e, Tensor):
+                return float(e)
+            columns.append(e.float())
+            return len(columns) - 1
+
+        params: dict[tuple[int, int], tuple[Kind, list[float | int]]] = {}  # (slot, op) -> its kind, entries
+        for s, j in sorted({(s, j) for picks in choice for s, j in enumerate(picks) if j >= 0}):
+            op = self.policy.slots[s].ops[j]
+            kind = KINDS[op.kind]
+            u = draws.u[:, s]
+            if kind.geometric:
+                params[s, j] = kind, [entry(e) for e in kind.matrix(op, u, height, width)]
+            elif not kind.noop:
+                params[s, j] = kind, [entry(kind.value(op, u))]
+        numbers = torch.stack(columns, 1).tolist() if columns else [[]] * len(choice)
+        steps: list[list[Affine | tuple[Kind, float]]] = []
+        for picks, row in zip(choice, numbers):
+            image_steps: list[Affine | tuple[Kind, float]] = []
+            for group in self._groups:
+                affine = None
+                for s in group.slots:
+                    if (s, picks[s]) not in params:
+                        continue
+                    kind, entries = params[s, picks[s]]
+                    values = [row[e] if isinstance(e, int) else e for e in entries]
+                    if kind.geometric:
+                        affine = Affine(*values) if affine is None else affine.then(Affine(*values))
+                    else:
+                        image_steps.append((kind, values[0]))
+                if affine is not None:
+                    image_steps.append(affine)
+            steps.append(image_steps)
+        return steps
+
+    @staticmethod
+    def _apply(x: Tensor, steps: list[Affine | tuple[Kind, float]]) -> Tensor:
+        for step in steps:
+            x = _transform_one(x, step) if isinstance(step, Affine) else step[0].per_sample(x, step[1])
         return x
 
 

@@ -42,7 +42,7 @@ class TrainConfig(BaseModel):
     # augmentation
     policy: str = Field("none", description="augmentation policy: none, flip-crop, paper, trivialaugment, randaugment")
     aug_backend: Literal["batched", "per-sample"] = Field(
-        "batched", description="batched: kornia on the training device; per-sample: torchvision v2 in DataLoader workers"
+        "batched", description="batched: whole batches on the training device; per-sample: torchvision v2 in DataLoader workers"
     )
     mixup: float = Field(0.0, ge=0, description="MixUp alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")

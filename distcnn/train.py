@@ -228,9 +228,10 @@ class Trainer:
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         total = max(1, self.config.epochs * self.steps_per_epoch)
-        if self.config.schedule == "onecycle":
+        if self.config.schedule == "onecycle" and total >= 3:
+            # a warm-up of at least two steps: torch's OneCycleLR divides by zero when it would last one (4 steps)
             return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.config.resolved_lr,
-                                                       total_steps=total, pct_start=0.25)
+                                                       total_steps=total, pct_start=max(0.25, 2 / total))
         return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
 
     def _resume(self) -> None:

@@ -203,6 +203,76 @@ def test_colour_op_matches_torchvision(kind):
     assert (got - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", [k for k, v in KINDS.items() if v.neutral is not None])
+def test_a_neutral_value_leaves_images_bit_for_bit(kind):
+    """The batched backend gives the neutral value to the images that did not draw the op instead of selecting."""
+    x = torch.stack([textured(3, 32, seed) for seed in range(4)]).float() / 255
+    x[0, 0] = 0.0  # a black channel, and a white one
+    x[1, 2] = 1.0
+    got = KINDS[kind].batched(x.clone(), torch.full((len(x),), KINDS[kind].neutral))
+    assert torch.equal(got, x)
+
+
+def test_equalize_is_torchvisions_bin_for_bin():
+    """The batched equalize is written out; torchvision's (the per-sample backend's) is the reference."""
+    x = torch.rand(6, 3, 17, 23, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = 0.3  # flat: kept (as its level)
+    x[0, 1] = (x[0, 1] > 0.5).float()  # two levels
+    x[1, 0] = (x[1, 0] > 0.99).float() * 0.5  # a few pixels above a flat background
+    x[1, 1] = (x[1, 1] * 4).floor() / 4
+    x[2, 2, 3, 4] = 1.0
+    assert torch.equal(KINDS["equalize"].batched(x, torch.zeros(6)), TF.equalize(x))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment", "paper-half"])
+def test_images_that_draw_nothing_keep_their_pixels(policy, channels):
+    torch.manual_seed(0)
+    scaled = get_policy("paper").scaled(0.5) if policy == "paper-half" else get_policy(policy)  # p 0.5: may draw none
+    augment = BatchedAugment(scaled, channels, 32)
+    x = torch.stack([textured(channels, 32, seed) for seed in range(16)]).float() / 255
+    draws = sample_draws(augment.policy, len(x))
+    draws.choice[:4] = -1
+    out = augment.apply_draws(x, draws)
+    assert torch.equal(out[:4], x[:4])
+    assert not torch.equal(out[4:], x[4:])
+
+
+# ---------------------------------------------------------------- per-sample: many images at once
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("policy", RANDOM_POLICIES)
+def test_augment_many_is_apply_draws_image_by_image(policy, channels, size):
+    """One draw and one parameter computation for the batch, the same images as one call per image with the
+    same draws; and, like those, the batched backend's images up to rounding."""
+    torch.manual_seed(0)
+    images = torch.stack([textured(channels, size, seed) for seed in range(16)])
+    per_sample = PerSampleAugment(policy, channels, size)
+    draws = sample_draws(per_sample.policy, len(images))
+    many = per_sample.augment_many(images, draws)
+    x = TF.to_dtype(images, torch.float32, scale=True)
+    one_by_one = torch.stack([per_sample.apply_draws(x[i], draws, i) for i in range(len(images))])
+    assert many.dtype == torch.uint8 and torch.equal(many, one_by_one.mul(255).round().to(torch.uint8))
+    batched = BatchedAugment(policy, channels, size).apply_draws(x, draws).mul(255).round()
+    diff = (many.float() - batched).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_augment_many_draws_per_image_and_a_call_is_one_image_of_it():
+    image = textured(3, 32)
+    per_sample = PerSampleAugment("trivialaugment", 3, 32)
+    torch.manual_seed(3)
+    many = per_sample.augment_many(image.expand(32, -1, -1, -1))
+    assert many.shape == (32, 3, 32, 32) and distinct_pair_fraction(many.float()) >= 0.9
+    torch.manual_seed(4)
+    one = per_sample(image)
+    torch.manual_seed(4)
+    assert torch.equal(one, per_sample.augment_many(image.unsqueeze(0))[0])
+    with pytest.raises(ValueError, match="uint8 images"):
+        per_sample.augment_many(image)
+
+
 # ---------------------------------------------------------------- geometry against torchvision
 
 
