@@ -51,6 +51,7 @@ from distcnn.train import run
 
 SETTINGS = {  # label -> options of `distcnn train`
     "fp32": {"precision": "fp32", "memory_format": "contiguous"},
+    "fp32 + channels-last": {"precision": "fp32", "memory_format": "channels-last"},
     "bf16": {"precision": "bf16", "memory_format": "contiguous"},
     "bf16 + channels-last": {"precision": "bf16", "memory_format": "channels-last"},
     "bf16 + channels-last + compile": {"precision": "bf16", "memory_format": "channels-last", "compile": "default"},
@@ -213,7 +214,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="the last one is measured")
     parser.add_argument("--rounds", type=int, default=1 if gpu else 3)
     parser.add_argument("--workers", type=int, default=min(8, available_cores()))
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="which distcnn settings")
+    parser.add_argument("--settings", default="fp32,bf16,bf16 + channels-last,bf16 + channels-last + compile",
+                        help=f"which distcnn settings, of: {', '.join(SETTINGS)}")
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--tta", choices=("on", "off"), default="on" if gpu else "off")
     parser.add_argument("--tta-model", default="simplecnn")
@@ -223,6 +225,10 @@ def main() -> None:
     args = parser.parse_args()
     args.data = args.data or data_spec()
     args.val_fraction = 0.05
+    for name, chosen, allowed in (("--settings", args.settings, SETTINGS), ("--pipelines", args.pipelines, PIPELINES)):
+        unknown = [label for label in chosen.split(",") if label not in allowed]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown[0]!r}; allowed: {', '.join(allowed)}")
     settings = {label: SETTINGS[label] for label in args.settings.split(",")}
     pipelines = {label: PIPELINES[label] for label in args.pipelines.split(",")}
     if missing_toolchain(device.type):
