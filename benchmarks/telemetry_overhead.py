@@ -27,7 +27,7 @@ from benchdata import data_spec
 from distcnn import parallel
 from distcnn.config import make_config
 from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
-from distcnn.telemetry.record import RunRecord
+from distcnn.record import RunRecord
 from distcnn.telemetry.steps import PHASES, StepTimer
 from distcnn.train import Trainer
 

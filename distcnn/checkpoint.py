@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from distcnn.parallel import Ranks
-from distcnn.telemetry.record import write_atomic
+from distcnn.record import write_atomic
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from distcnn.config import parse_bandwidth, parse_delay
 from distcnn.errors import UsageError
 
 PREFIX = "distcnn-"
@@ -29,12 +30,8 @@ BRIDGE = "br0"
 INTERFACE = "eth0"
 SUBNET = "198.18.0"
 MAX_HOSTS = 250
-NO_CAP = ("none", "uncapped")
 NETNS_ETC = Path("/etc/netns")  # per-namespace files that `ip netns exec` mounts over /etc
 
-RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$", re.IGNORECASE)
-DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
-UNIT_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
 @dataclass(frozen=True)
@@ -55,25 +52,6 @@ class Host:
 
 
 # ---- input ---------------------------------------------------------------------------------------------------
-
-def parse_bandwidth(text: str | None) -> float | None:
-    """Bits per second of a tc rate ('100mbit'); None for no cap ('none', or not given)."""
-    if text is None or text.lower() in NO_CAP:
-        return None
-    match = RATE.match(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"bandwidth {text!r}: use a rate like 100mbit, 1gbit or 500kbit (or none for no cap)")
-    return float(match.group(1)) * UNIT_BITS[match.group(2).lower()]
-
-
-def parse_delay(text: str | None) -> str | None:
-    """A tc delay ('1ms'); None for none."""
-    if text is None or text.lower() in ("none", "0", "0ms"):
-        return None
-    if not DELAY.match(text.strip()):
-        raise ValueError(f"delay {text!r}: use a time like 1ms, 500us or 0.2s (or none)")
-    return text.strip().lower()
-
 
 # ---- commands ------------------------------------------------------------------------------------------------
 

@@ -8,11 +8,11 @@ exactly once. Validation happens here, at the edge: a bad value becomes one `Usa
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distcnn.cluster import parse_bandwidth, parse_delay
 from distcnn.errors import UsageError, nearest
 
 # CPU threads of a rank that trains on a GPU: its CPU work is launching kernels and a few small tensor ops;
@@ -20,6 +20,31 @@ from distcnn.errors import UsageError, nearest
 GPU_THREADS_PER_RANK = 2
 
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adamw": {"lr": 2e-3, "weight_decay": 0.05}}
+
+# Link caps of an emulated cluster, as tc takes them.
+NO_CAP = ("none", "uncapped")
+RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$", re.IGNORECASE)
+DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
+UNIT_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+def parse_bandwidth(text: str | None) -> float | None:
+    """Bits per second of a tc rate ('100mbit'); None for no cap ('none', or not given)."""
+    if text is None or text.lower() in NO_CAP:
+        return None
+    match = RATE.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"bandwidth {text!r}: use a rate like 100mbit, 1gbit or 500kbit (or none for no cap)")
+    return float(match.group(1)) * UNIT_BITS[match.group(2).lower()]
+
+
+def parse_delay(text: str | None) -> str | None:
+    """A tc delay ('1ms'); None for none."""
+    if text is None or text.lower() in ("none", "0", "0ms"):
+        return None
+    if not DELAY.match(text.strip()):
+        raise ValueError(f"delay {text!r}: use a time like 1ms, 500us or 0.2s (or none)")
+    return text.strip().lower()
 
 
 class TrainConfig(BaseModel):

@@ -14,7 +14,7 @@ from pathlib import Path
 from distcnn import parallel
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError, WorkersFailed
-from distcnn.telemetry.record import RunRecord
+from distcnn.record import RunRecord
 
 
 def main(argv: list[str]) -> int:

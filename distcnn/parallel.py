@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError, WorkersFailed
-from distcnn.telemetry.counters import HOST_ENV, host_name
+from distcnn.record import HOST_ENV, host_name
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
     import time
 
     from distcnn import cluster
-    from distcnn.telemetry.record import write_json
+    from distcnn.record import write_json
 
     members = cluster.ready_hosts(config.nnodes)
     if config.bandwidth is not None or config.delay is not None:

@@ -31,7 +31,7 @@ from distcnn.models import check_input_size, count_params, create_model, train_f
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.telemetry.accounting import Accounting
-from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
 
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",

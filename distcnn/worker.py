@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError
-from distcnn.telemetry.record import RunRecord
+from distcnn.record import RunRecord
 from distcnn.train import train
 
 

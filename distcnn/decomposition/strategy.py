@@ -30,7 +30,7 @@ from distcnn.models import count_params
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.telemetry.accounting import Accounting
-from distcnn.telemetry.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
 
 LOCAL = "local"
 LOCAL_FIGURES = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "net_packets_per_s_mean")

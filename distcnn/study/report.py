@@ -25,7 +25,7 @@ from distcnn.study.document import FILES, Heading, Image, Table, Text, to_html, 
 from distcnn.study.analysis import analyze
 from distcnn.shifts import SEVERITIES, SHIFT_NAMES
 from distcnn.study.store import DATABASE, load_runs_table, open_study, option_name
-from distcnn.telemetry.record import ENVIRONMENT, write_atomic
+from distcnn.record import ENVIRONMENT, write_atomic
 from distcnn.telemetry.show import human_bytes, read_series
 
 HTML_NAME, MARKDOWN_NAME = "report.html", "report.md"

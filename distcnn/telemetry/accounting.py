@@ -15,7 +15,7 @@ from distcnn import comm, parallel
 from distcnn.config import TrainConfig
 from distcnn.parallel import Ranks
 from distcnn.telemetry.counters import run_interfaces
-from distcnn.telemetry.record import RunRecord
+from distcnn.record import RunRecord
 from distcnn.telemetry.resources import combine_ranks
 from distcnn.telemetry.sampler import ResourceSampler
 from distcnn.telemetry.steps import StepTimer, epoch_figures, run_breakdown

@@ -16,14 +16,6 @@ from pathlib import Path
 import psutil
 
 POWERCAP = Path("/sys/class/powercap")
-HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
-
-
-def host_name() -> str:
-    """The host these counters belong to: the emulated host's name, else the machine's."""
-    return os.environ.get(HOST_ENV) or socket.gethostname()
-
-
 def rss_peak_bytes() -> int:
     """The process's peak resident set size, as the kernel kept it (exact, unlike any sampled maximum)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from distcnn.telemetry.counters import Nvml, Rapl, host_name, network_counters, rss_peak_bytes
-from distcnn.telemetry.record import write_atomic
+from distcnn.record import host_name, write_atomic
+from distcnn.telemetry.counters import Nvml, Rapl, network_counters, rss_peak_bytes
 
 HEAD = ["time", "elapsed_s", "interval_s", "phase", "epoch", "host", "rank", "local_rank",
         "process_cpu_percent", "process_cpu_seconds", "rss_bytes", "rss_peak_bytes",

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distcnn.errors import UsageError
-from distcnn.telemetry.record import SUMMARY, write_atomic
+from distcnn.record import SUMMARY, write_atomic
 from distcnn.telemetry.sampler import read_rows
 
 TELEMETRY = "telemetry"

@@ -19,12 +19,12 @@ import io
 import json
 import os
 import platform
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distcnn.telemetry.counters import host_name
 
 CONFIG = "config.json"
 ENVIRONMENT = "environment.json"
@@ -32,6 +32,13 @@ EPOCHS = "epochs.csv"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
+
+HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
+
+
+def host_name() -> str:
+    """The host a run's files and counters belong to: the emulated host's name, else the machine's."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
