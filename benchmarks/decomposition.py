@@ -21,7 +21,7 @@ from rich.table import Table
 
 from benchdata import data_spec
 from distcnn.config import make_config
-from distcnn.train import run
+from distcnn.launch import run
 
 
 def main() -> None:

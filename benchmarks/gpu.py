@@ -47,7 +47,7 @@ from distcnn.speed import missing_toolchain
 from distcnn.telemetry.counters import Nvml
 from distcnn.telemetry.sampler import read_rows, time_weighted_mean
 from distcnn.telemetry.steps import PHASES
-from distcnn.train import run
+from distcnn.launch import run
 
 SETTINGS = {  # label -> options of `distcnn train`
     "fp32": {"precision": "fp32", "memory_format": "contiguous"},

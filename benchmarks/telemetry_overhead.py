@@ -29,7 +29,7 @@ from distcnn.config import make_config
 from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
 from distcnn.record import RunRecord
 from distcnn.telemetry.steps import PHASES, StepTimer
-from distcnn.train import Trainer
+from distcnn.trainer import Trainer
 
 
 def t_quantile(degrees: int) -> float:

@@ -97,7 +97,7 @@ def pipeline_configs(batch: int, workers: list[int]) -> dict:
 def pipeline_rate(trainee: Trainee, splits, config, steps: int) -> float:
     """A fresh pipeline per measurement, dropped afterwards: idle DataLoader workers of one row must not
     prefetch in the background while the next row is timed."""
-    inputs = TrainInputs(splits, config, Ranks(0, 0, 1, 1, torch.device("cpu"), None))
+    inputs = TrainInputs(splits, config, Ranks.single(torch.device("cpu")))
     rate = images_per_second(trainee, endless(inputs), steps)
     del inputs
     gc.collect()

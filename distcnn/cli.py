@@ -111,7 +111,7 @@ def build_parser() -> Parser:
 
 
 def command_train(options: dict) -> int:
-    from distcnn.train import run
+    from distcnn.launch import run
 
     run(make_config(options))
     return 0
@@ -176,24 +176,18 @@ def command_study(args: argparse.Namespace) -> int:
 
 def print_study_analysis(out, spec) -> None:
     """The allocation of variation of every response that has figures (a GPU figure on a CPU has none)."""
-    from distcnn.study.analysis import analyze, load_source, print_result
+    from distcnn.study.analysis import analyse_responses, load_source, print_result
     from distcnn.study.store import option_name
 
     table, order = load_source(out)
-    responses = [r for r in spec.responses if r in table and table[r].notna().sum() >= 2]
-    factors = [option_name(name) for name in spec.factors]
-    results, skipped = [], {}
-    for response in responses:  # one response without figures in some configurations (a target never
-        try:                    # reached) must not take the others' analysis with it
-            results.append(analyze(table, factors, [response], order))
-        except UsageError as error:  # e.g. a factor whose runs all failed: the study itself is still recorded
-            skipped[response] = str(error)
-    for result in results:
+    analyses = analyse_responses(table, [option_name(name) for name in spec.factors], spec.responses, order)
+    for result in analyses.results.values():
         print_result(result, 0.05)
-    if not results and len(set(skipped.values())) == 1:
-        print(f"no analysis: {next(iter(skipped.values()))}")
+    reasons = analyses.failed
+    if not analyses.results and len(set(reasons.values())) == 1:
+        print(f"no analysis: {next(iter(reasons.values()))}")
     else:
-        for response, reason in skipped.items():
+        for response, reason in reasons.items():
             print(f"no analysis of {response}: {reason}")
 
 

@@ -39,6 +39,13 @@ class Ranks:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @classmethod
+    def single(cls, device: torch.device, local_rank: int = 0) -> Ranks:
+        """This process as a job of its own (rank 0 of 1, no process group): a local CNN trained without talking
+        to the other ranks, weights read on the side. `local_rank` keeps its place on the machine for the
+        resource sampler (the host's counters are read by local rank 0 only)."""
+        return cls(0, local_rank, 1, 1, device, None)
+
 
 def device_type(choice: str) -> str:
     """`cuda` or `cpu`: what --device (auto, cpu, cuda) means on this machine."""

@@ -7,9 +7,10 @@ Layout of a run directory:
     checkpoint.pt     the latest epoch's training state (for --resume and restarts)
     best.pt           the weights with the best validation accuracy
     cluster.json      on an emulated cluster: its hosts, addresses and link caps
-    summary.json      written last, once: its presence means the run finished
+    telemetry/        rank{R}.csv: each rank's resource time series
+    summary.json      written last, once: its presence means the run finished (its fields: distcnn.summary)
 
-The study runner, the analysis and the report read runs only through this module.
+The study runner, the analysis, the report and `distcnn show` read runs only through this module.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distcnn.errors import UsageError
 
 CONFIG = "config.json"
 ENVIRONMENT = "environment.json"
@@ -32,6 +35,8 @@ EPOCHS = "epochs.csv"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
+TELEMETRY = "telemetry"
+TEXT_COLUMNS = {"phase", "host"}  # the series' columns that are not numbers
 
 HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
 
@@ -146,3 +151,81 @@ def describe_environment(world_size: int, local_world_size: int, threads: int, d
         "backend": backend,
         "gpu": gpu,
     }
+
+
+# ---- reading a run directory (what the study runner, the report and `distcnn show` read) --------------------
+
+def parse_cell(column: str, text: str):
+    """Empty -> None (unavailable); numbers parsed; ValueError for a cell that is not a number."""
+    if text == "":
+        return None
+    if column in TEXT_COLUMNS:
+        return text
+    number = float(text)
+    return int(number) if column in ("epoch", "rank", "local_rank") else number
+
+
+def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """A series file's rows (numbers parsed, empty cells None) and its header. A line that does not parse is
+    skipped, and so is a last line without its newline: a killed rank may have cut it inside a number."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines.pop()
+    rows, header = [], None
+    for line in lines:
+        try:
+            cells = next(csv.reader([line]), [])
+            if header is None:
+                header = cells
+            elif len(cells) == len(header):
+                rows.append({column: parse_cell(column, cell) for column, cell in zip(header, cells)})
+        except (csv.Error, ValueError):
+            continue
+    return rows, header or []
+
+
+def rank_files(run_dir: str | Path) -> dict[int, Path]:
+    """telemetry/rank{R}.csv by rank, in numeric order (rank10 after rank9)."""
+    found = {}
+    for path in (Path(run_dir) / TELEMETRY).glob("rank*.csv"):
+        match = re.fullmatch(r"rank(\d+)\.csv", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def read_rank_rows(path: Path) -> list[dict]:
+    try:
+        return read_rows(path)[0]
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+
+
+def read_series(run_dir: str | Path) -> dict[int, list[dict]]:
+    """Every rank's resource time series: rank -> rows (see read_rows); UsageError when a file cannot be read."""
+    return {rank: read_rank_rows(path) for rank, path in rank_files(run_dir).items()}
+
+
+def per_host(series: dict[int, list[dict]], column: str) -> dict[str, list[dict]]:
+    """For each host, the rows of its first rank that carries `column` (host-wide figures come from local
+    rank 0 only, so other ranks' cells are empty)."""
+    chosen = {}
+    for rank, rows in series.items():
+        host = next((row["host"] for row in rows if row.get("host")), f"rank {rank}")
+        if host not in chosen and any(row.get(column) is not None for row in rows):
+            chosen[host] = rows
+    return chosen
+
+
+def read_object(path: Path, missing_ok: bool = True) -> dict | None:
+    """A JSON object file of a run (summary.json, environment.json); None when it is not there (and
+    `missing_ok`); UsageError when it cannot be read or is not an object."""
+    if missing_ok and not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"cannot read {path}: not a JSON object")
+    return data

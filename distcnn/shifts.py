@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from distcnn.errors import unknown
+from distcnn.summary import SEVERITIES, SHIFT_NAMES
 
 if TYPE_CHECKING:  # the study tables read the shift names without loading torchvision
     from distcnn.augment import Policy
 
-SEVERITIES = (1, 2, 3)
 OCCLUDER = 0.5  # the grey of the occluding square
 
 
@@ -119,7 +119,6 @@ SHIFTS: dict[str, ShiftKind] = {
     "contrast": ShiftKind((0.6, 0.4, 0.2), "contrast factor", _contrast),
     "occlusion": ShiftKind((0.10, 0.20, 0.30), "fraction of the area", _occlusion),
 }
-SHIFT_NAMES = tuple(SHIFTS)
 
 
 def parse_shifts(text: str | None) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError
 from distcnn.record import RunRecord
-from distcnn.train import train
+from distcnn.launch import train
 
 
 def main(argv: list[str]) -> int:

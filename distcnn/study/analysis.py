@@ -15,6 +15,7 @@ import json
 import math
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -199,16 +200,25 @@ def _anova(y, cell, shape, levels, factors, alpha) -> dict:
     return {"variation_percent": shares, "effects": effects, "ci": ci}
 
 
+def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, int]:
+    """Mean, half-width of its t confidence interval from the values' own spread (NaN with one value), and
+    how many numbers there were (non-numbers and NaN left out; (NaN, NaN, 0) when none)."""
+    y = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    if len(y) == 0:
+        return math.nan, math.nan, 0
+    if len(y) == 1:
+        return float(y[0]), math.nan, 1
+    return float(y.mean()), float(stats.t.ppf(1 - alpha / 2, len(y) - 1) * y.std(ddof=1) / math.sqrt(len(y))), len(y)
+
+
 def _cell_means(y, cell, shape, levels, factors, alpha) -> list[dict]:
     """Mean of each configuration that has runs, with a t-interval from its own spread."""
     means = []
     for index in np.unique(cell):
-        values = y[cell == index]
-        n, mean = len(values), float(values.mean())
-        half = stats.t.ppf(1 - alpha / 2, n - 1) * values.std(ddof=1) / math.sqrt(n) if n > 1 else None
+        mean, half, n = mean_ci(y[cell == index], alpha)
         position = np.unravel_index(index, shape)
         means.append({"levels": {name: levels[name][j] for name, j in zip(factors, position)}, "n": n,
-                      "mean": mean, "ci": [mean - half, mean + half] if half is not None else None})
+                      "mean": mean, "ci": [mean - half, mean + half] if n > 1 else None})
     return means
 
 
@@ -254,6 +264,35 @@ def analyze(table: pd.DataFrame, factors: list[str], responses: list[str], level
             entry |= {"design": own[0], "replicates": own[1]} | ({"note": own[2]} if own[2] else {})
         result["responses"][response] = entry
     return _plain(result)
+
+
+@dataclass
+class Analyses:
+    """Each response of a study analysed on its own: results (response -> `analyze`'s result for it alone),
+    missing (response -> runs with a number, fewer than 2: a counter this machine lacks, or too few runs
+    done) and failed (response -> why the analysis refused it, e.g. a factor whose runs all failed)."""
+
+    runs: int
+    results: dict[str, dict] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def analyse_responses(table: pd.DataFrame, factors: list[str], responses: list[str],
+                      level_order: dict | None = None, alpha: float = 0.05) -> Analyses:
+    """What `distcnn study` prints and the report shows: one response without numbers in some configurations
+    (a GPU figure on a CPU, a target never reached) must not take the others' analysis with it."""
+    analyses = Analyses(len(table))
+    for response in responses:
+        found = int(pd.to_numeric(table[response], errors="coerce").notna().sum()) if response in table else 0
+        if found < 2:
+            analyses.missing[response] = found
+            continue
+        try:
+            analyses.results[response] = analyze(table, factors, [response], level_order, alpha)
+        except UsageError as error:
+            analyses.failed[response] = str(error)
+    return analyses
 
 
 # ---- the command -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from distcnn.telemetry.show import per_host
+from distcnn.record import per_host
 
 PANEL = (3.2, 2.4)  # inches per small panel: many panels side by side still fit a page
 

@@ -12,11 +12,12 @@ import random
 import time
 from pathlib import Path
 
-from distcnn import train
+from distcnn import launch
 from distcnn.console import say
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.study.spec import StudySpec
-from distcnn.study.store import DATABASE, StudyStore
+from distcnn.study.store import DATABASE, StudyStore, option_name
+from distcnn.units import duration
 
 RUNS = "runs"
 
@@ -37,12 +38,8 @@ def plan_runs(spec: StudySpec) -> list[dict]:
     return sorted(planned, key=lambda run: run["run_order"])
 
 
-def remaining(seconds: float) -> str:
-    return f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.0f} min"
-
-
 def describe(levels: dict) -> str:
-    return " ".join(f"{name.replace('_', '-')}={value}" for name, value in levels.items())
+    return " ".join(f"{option_name(name)}={value}" for name, value in levels.items())
 
 
 class StudyRunner:
@@ -61,9 +58,9 @@ class StudyRunner:
         loaded = {}  # data options -> splits: the data is loaded once, not once per configuration
         for levels in self.spec.configurations():
             config = self.spec.run_config(levels, self.spec.seed, self.out / RUNS / "check", "check")
-            key = train.data_options(config)
+            key = launch.data_options(config)
             try:
-                loaded[key] = train.validate(config, loaded.get(key))
+                loaded[key] = launch.validate(config, loaded.get(key))
             except UsageError as error:
                 raise UsageError(f"configuration {describe(levels)}: {error}") from None
 
@@ -78,7 +75,8 @@ class StudyRunner:
         while todo := self.pending():
             for run in todo:
                 done = sum(r["status"] == "done" for r in self.store.runs())
-                eta = f", {remaining(sum(durations) / len(durations) * (total - done))} left" if durations else ""
+                mean = sum(durations) / len(durations) if durations else None
+                eta = f", about {duration(mean * (total - done))} left" if mean is not None else ""
                 say(f"── study {self.spec.name}: run {done + 1}/{total} {run['run_id']} {describe(run['levels'])} "
                     f"seed {run['seed']}{eta}")
                 durations.append(self.run_one(run))
@@ -89,7 +87,7 @@ class StudyRunner:
         self.store.start(run["run_id"], Path(config.out))
         started = time.perf_counter()
         try:
-            summary = train.run(config)
+            summary = launch.run(config)
         except (UsageError, WorkersFailed) as error:
             self.store.fail(run["run_id"], str(error), time.perf_counter() - started)
             say(f"   {run['run_id']} failed: {error}")

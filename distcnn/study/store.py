@@ -16,49 +16,39 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distcnn import summary as declared
+from distcnn.config import flag
 from distcnn.errors import UsageError
-from distcnn.shifts import SHIFT_NAMES
-from distcnn.telemetry.steps import PHASES
 
 DATABASE = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
 
-# Summary figures a study can take as responses (numbers; the step breakdown flattened as step_<phase>_s, a
-# CNN-DNN's aggregators as <aggregator>_test_accuracy, each shifted test set as shift_<name>_accuracy: its mean
-# over the severities).
-KNOWN_RESPONSES = (
-    "test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second", "params",
-    "compile_seconds", "eval_seconds",
-    "train_flops_per_image", "achieved_flops_per_s", "cpu_percent_mean", "process_cpu_percent_mean",
-    "cpu_seconds_total", "mem_percent_mean", "rss_peak_bytes", "gpu_util_percent_mean", "gpu_memory_peak_bytes",
-    "net_packets_per_s_mean", "net_bytes_per_s_mean", "net_bytes_total", "energy_joules", "comm_bytes_per_step",
-    "comm_bytes_total", "ddp_comm_seconds_mean", "ddp_overlap_seconds_mean", "ddp_backward_compute_seconds_mean",
-    *(f"step_{phase}_s" for phase in (*PHASES, "step")),
-    "dnn_test_accuracy", "mean_test_accuracy", "vote_test_accuracy", "local_phase_seconds",
-    "time_to_target_seconds", "epochs_to_target", "images_to_target", "shift_accuracy_mean", "shift_clean_accuracy",
-    *(f"shift_{name}_accuracy" for name in SHIFT_NAMES), "shift_eval_seconds",
-)
+# Summary figures a study can take as responses: declared in distcnn.summary (numbers; the step breakdown
+# flattened as step_<phase>_s, a CNN-DNN's aggregators as <aggregator>_test_accuracy, each shifted test set as
+# shift_<name>_accuracy: its mean over the severities).
+KNOWN_RESPONSES = declared.RESPONSES
 
 
 def is_known_response(name: str) -> bool:
-    return name in KNOWN_RESPONSES
+    return declared.is_response(name)
 
 
 def flatten_summary(summary: dict) -> dict[str, Any]:
-    """The scalar figures of a summary, with the step breakdown as step_<phase>_s columns."""
+    """The scalar figures of a summary, with its nested figures as the columns distcnn.summary.DERIVED
+    declares (step_<phase>_s, <aggregator>_test_accuracy, local_phase_seconds, shift_<name>_accuracy, ...)."""
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     for phase, seconds in (summary.get("step_time_breakdown") or {}).items():
-        flat[f"step_{phase}_s"] = seconds
+        flat[declared.STEP.column(phase=phase)] = seconds
     for name, figures in (summary.get("aggregators") or {}).items():  # a CNN-DNN's dnn, mean and vote
-        flat[f"{name}_test_accuracy"] = figures.get("test_accuracy")
+        flat[declared.AGGREGATOR_ACCURACY.column(aggregator=name)] = figures.get("test_accuracy")
     local = (summary.get("phases") or {}).get("local")
     if local:
-        flat["local_phase_seconds"] = local.get("seconds")
+        flat[declared.LOCAL_PHASE.name] = local.get("seconds")
     for name, by_severity in (summary.get("shift_accuracy") or {}).items():  # shift_<name>_accuracy: mean
         values = [value for value in by_severity.values() if value is not None]
-        flat[f"shift_{name}_accuracy"] = sum(values) / len(values) if values else None
+        flat[declared.SHIFT.column(name=name)] = sum(values) / len(values) if values else None
         for severity, value in by_severity.items():
-            flat[f"shift_{name}_s{severity}_accuracy"] = value
+            flat[declared.SHIFT_SEVERITY.column(name=name, severity=severity)] = value
     if "shifts_in_training" in summary:
         flat["shifts_in_training"] = ",".join(summary["shifts_in_training"])
     return flat
@@ -123,10 +113,6 @@ class StudyStore:
         rows = self.db.execute("SELECT * FROM runs ORDER BY run_order").fetchall()
         return [_as_dict(row) for row in rows]
 
-    def to_run(self, max_attempts: int) -> list[dict]:
-        """Runs not done yet, in the study's run order, that have attempts left."""
-        return [r for r in self.runs() if r["status"] != "done" and r["attempts"] < max_attempts]
-
     def start(self, run_id: str, run_dir: Path) -> None:
         self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, run_dir = ?, "
                     "error = NULL WHERE run_id = ? AND status != 'done'", (time.time(), str(run_dir), run_id))
@@ -154,8 +140,9 @@ def _as_dict(row: sqlite3.Row) -> dict:
 
 
 def option_name(field_name: str) -> str:
-    """A factor as people write it (`train-subset`), in the table, the analysis and the report."""
-    return field_name.replace("_", "-")
+    """A factor as people write it (`train-subset`: its flag without the dashes), in the table, the analysis
+    and the report."""
+    return flag(field_name).removeprefix("--")
 
 
 def open_study(study_dir: str | Path) -> StudyStore:

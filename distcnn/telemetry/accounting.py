@@ -1,8 +1,9 @@
 """A rank's accounting of its run: the resource sampler, the step timers, the counted gradient bytes, and
 DDP's own communication timers — started with the rank, read by the training loop, summarised at the end.
+It counts only: the comm hook that hands the bytes over is registered by the trainer.
 
-`--telemetry off` keeps the same calls but measures nothing (and leaves DDP on its built-in allreduce), so
-the overhead benchmark can compare the two in one run; every figure is then None, never 0.
+`--telemetry off` keeps the same calls but measures nothing (the trainer then leaves DDP on its built-in
+allreduce), so the overhead benchmark can compare the two in one run; every figure is then None, never 0.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ class Accounting:
                 local_rank=ranks.local_rank, host_level=ranks.local_rank == 0, run_interfaces=interfaces,
                 cuda_index=cuda).start()
 
-    def attach(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
-        """Register the run's comm hook (counted when accounting is on) and DDP's own timers."""
-        self.counter = comm.register(ddp, self.config.comm_hook, count=self.enabled,
-                                     powersgd_rank=self.config.powersgd_rank)
+    def attach(self, ddp: torch.nn.parallel.DistributedDataParallel, counter: comm.ByteCounter | None) -> None:
+        """Count what the trainer's comm hook hands over (`counter`, None when not counted) and read DDP's own
+        timers; the hook itself is the trainer's choice (comm.register with `count=self.enabled`)."""
+        self.counter = counter
         if self.enabled and hasattr(ddp, "_get_ddp_logging_data"):  # a private API: absent means no DDP times
             ddp._set_ddp_runtime_logging_sample_rate(DDP_SAMPLE_EVERY)
             self.ddp = ddp

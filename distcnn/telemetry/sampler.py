@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from distcnn.record import host_name, write_atomic
+from distcnn.record import host_name, read_rows, write_atomic
 from distcnn.telemetry.counters import Nvml, Rapl, network_counters, rss_peak_bytes
 
 HEAD = ["time", "elapsed_s", "interval_s", "phase", "epoch", "host", "rank", "local_rank",
@@ -27,7 +27,6 @@ HEAD = ["time", "elapsed_s", "interval_s", "phase", "epoch", "host", "rank", "lo
 TAIL = ["cpu_energy_joules", "cpu_power_watts", "gpu_util_percent", "gpu_memory_used_bytes",
         "gpu_power_watts", "gpu_energy_joules"]
 NET_FIELDS = ("rx_bytes_per_s", "tx_bytes_per_s", "rx_packets_per_s", "tx_packets_per_s")
-TEXT_COLUMNS = {"phase", "host"}
 
 
 def interface_columns(interface: str) -> list[str]:
@@ -263,32 +262,3 @@ def maximum(rows: list[dict], column: str) -> float | None:
 
 def _cell(value) -> str:
     return "" if value is None else value
-
-
-def parse_cell(column: str, text: str):
-    """Empty -> None (unavailable); numbers parsed; ValueError for a cell that is not a number."""
-    if text == "":
-        return None
-    if column in TEXT_COLUMNS:
-        return text
-    number = float(text)
-    return int(number) if column in ("epoch", "rank", "local_rank") else number
-
-
-def read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """A series file's rows (numbers parsed, empty cells None) and its header. A line that does not parse is
-    skipped, and so is a last line without its newline: a killed rank may have cut it inside a number."""
-    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    if lines and not lines[-1].endswith(("\n", "\r")):
-        lines.pop()
-    rows, header = [], None
-    for line in lines:
-        try:
-            cells = next(csv.reader([line]), [])
-            if header is None:
-                header = cells
-            elif len(cells) == len(header):
-                rows.append({column: parse_cell(column, cell) for column, cell in zip(header, cells)})
-        except (csv.Error, ValueError):
-            continue
-    return rows, header or []

@@ -6,9 +6,7 @@ machine lacks: it reads as None and prints as n/a, never as 0, so a missing figu
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -16,59 +14,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from distcnn import summary as declared
 from distcnn.errors import UsageError
-from distcnn.record import SUMMARY, write_atomic
-from distcnn.telemetry.sampler import read_rows
+from distcnn.record import SUMMARY, TELEMETRY, per_host, rank_files, read_object, read_series, write_atomic
+from distcnn.units import human_bytes
 
-TELEMETRY = "telemetry"
 PHASE_SHADES = {"eval": ("gold", 0.25), "setup": ("0.5", 0.08), "finish": ("0.5", 0.08)}
 
 
-# ---- reading ---------------------------------------------------------------------------------------------
-
-def rank_files(run_dir: str | Path) -> dict[int, Path]:
-    """telemetry/rank{R}.csv by rank, in numeric order (rank10 after rank9)."""
-    found = {}
-    for path in (Path(run_dir) / TELEMETRY).glob("rank*.csv"):
-        match = re.fullmatch(r"rank(\d+)\.csv", path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
-
-
-def read_rank_rows(path: Path) -> list[dict]:
-    try:
-        return read_rows(path)[0]
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error}") from None
-
-
-def read_series(run_dir: str | Path) -> dict[int, list[dict]]:
-    """Every rank's resource time series: rank -> rows (see read_rank_rows)."""
-    return {rank: read_rank_rows(path) for rank, path in rank_files(run_dir).items()}
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    path = run_dir / SUMMARY
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as error:
-        raise UsageError(f"cannot read {path}: {error}") from None
-    if not isinstance(summary, dict):
-        raise UsageError(f"cannot read {path}: not a JSON object")
-    return summary
-
-
 # ---- the table -------------------------------------------------------------------------------------------
-
-def human_bytes(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1024
-
 
 def _fixed(spec: str, unit: str = "", scale: float | None = None):
     return lambda value: f"{value if scale is None else value * scale:{spec}}{unit}"
@@ -95,28 +49,15 @@ def cell(value, fmt=_plain) -> str:
 PERCENT, SECONDS, MS = _fixed(".1f", " %"), _fixed(",.1f", " s"), _fixed(",.2f", " ms", 1e3)
 MIB, MB, MB_S = _fixed(",.1f", " MiB", 2**-20), _fixed(",.1f", " MB", 1e-6), _fixed(",.2f", " MB/s", 1e-6)
 COUNT, JOULES, GIGA = _fixed(",.0f"), _fixed(",.0f", " J"), _fixed(",.4f", "", 1e-9)
-FIELDS = {
-    "run": [("name", "name", str), ("model", "model", str), ("policy", "policy", str), ("data", "data", str),
-            ("world size", "world_size", str), ("epochs", "epochs_run", str),
-            ("test accuracy", "test_accuracy", _fixed(".4f")),
-            ("best val accuracy", "best_val_accuracy", _fixed(".4f"))],
-    "time": [("train seconds", "train_seconds", SECONDS), ("images/s", "images_per_second", COUNT)],
-    "compute": [("params", "params", _fixed(",")), ("train GFLOPs/image", "train_flops_per_image", GIGA),
-                ("achieved GFLOP/s", "achieved_flops_per_s", _fixed(",.2f", "", 1e-9))],
-    "resources": [("system CPU", "cpu_percent_mean", PERCENT), ("process CPU", "process_cpu_percent_mean", PERCENT),
-                  ("CPU seconds", "cpu_seconds_total", SECONDS), ("system memory", "mem_percent_mean", PERCENT),
-                  ("peak RSS", "rss_peak_bytes", MIB), ("GPU util", "gpu_util_percent_mean", PERCENT),
-                  ("GPU memory peak", "gpu_memory_peak_bytes", human_bytes)],
-    "network": [("packets/s", "net_packets_per_s_mean", COUNT), ("bytes/s", "net_bytes_per_s_mean", MB_S),
-                ("bytes total", "net_bytes_total", MB)],
-    "communication": [("hook", "comm_hook", str), ("gradient bytes", "gradient_bytes", _fixed(",")),
-                      ("bytes/step (counted)", "comm_bytes_per_step", _fixed(",.0f")),
-                      ("bytes total, all ranks", "comm_bytes_total", MB),
-                      ("ring bytes sent/step/rank (formula)", "comm_ring_bytes_per_step_formula", _fixed(",.0f")),
-                      ("DDP comm time", "ddp_comm_seconds_mean", MS),
-                      ("DDP compute/comm overlap", "ddp_overlap_seconds_mean", MS),
-                      ("DDP backward compute", "ddp_backward_compute_seconds_mean", MS)],
-}
+# Each field of the summary that `show` prints (distcnn.summary: group, label) reads as its unit does, or as
+# FORMATS says where its scale is another (MiB, ms).
+UNIT_FORMATS = {"fraction": _fixed(".4f"), "s": SECONDS, "images/s": COUNT, "parameters": _fixed(","),
+                "FLOP": GIGA, "FLOP/s": _fixed(",.2f", "", 1e-9), "%": PERCENT, "1/s": COUNT, "B/s": MB_S, "B": MB}
+FORMATS = {"rss_peak_bytes": MIB, "gpu_memory_peak_bytes": human_bytes, "gradient_bytes": _fixed(","),
+           "comm_bytes_per_step": _fixed(",.0f"), "comm_ring_bytes_per_step_formula": _fixed(",.0f"),
+           "ddp_comm_seconds_mean": MS, "ddp_overlap_seconds_mean": MS, "ddp_backward_compute_seconds_mean": MS}
+FIELDS = {group: [(field.label, field.name, FORMATS.get(field.name) or UNIT_FORMATS.get(field.unit, str))
+                  for field in declared.shown(group)] for group in declared.GROUPS}
 SPECIAL = {"step_time_breakdown", "energy_joules", "energy_sources", "hosts"}
 KNOWN = {key for fields in FIELDS.values() for _, key, _ in fields} | SPECIAL
 
@@ -187,17 +128,6 @@ def _line(label: str, rows: list[dict], column: str, scale: float = 1.0, style: 
     rows = [row for row in rows if row.get("elapsed_s") is not None]
     ys = [math.nan if row.get(column) is None else row[column] * scale for row in rows]
     return [(label, [row["elapsed_s"] for row in rows], ys, style)] if any(not math.isnan(y) for y in ys) else []
-
-
-def per_host(series: dict[int, list[dict]], column: str) -> dict[str, list[dict]]:
-    """For each host, the rows of its first rank that carries `column` (host-wide figures come from local
-    rank 0 only, so other ranks' cells are empty)."""
-    chosen = {}
-    for rank, rows in series.items():
-        host = next((row["host"] for row in rows if row.get("host")), f"rank {rank}")
-        if host not in chosen and any(row.get(column) is not None for row in rows):
-            chosen[host] = rows
-    return chosen
 
 
 def panels(series: dict[int, list[dict]]) -> list[tuple]:
@@ -278,7 +208,7 @@ def show(run_dir: str | Path, png: str | Path | None = None, plot: bool = True) 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} {'is not a directory' if run_dir.exists() else 'does not exist'}")
-    summary = read_summary(run_dir)
+    summary = read_object(run_dir / SUMMARY)
     series = {rank: rows for rank, rows in read_series(run_dir).items() if rows}
     if summary is None and not rank_files(run_dir):
         raise UsageError(f"not a run directory: no {SUMMARY} or {TELEMETRY}/ in {run_dir}")

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-PHASES = ("data_wait", "augmentation", "forward", "backward", "optimizer")
+from distcnn.summary import PHASES
 
 
 class StepTimer:

@@ -1,4 +1,5 @@
 """`--strategy dd`: a CNN-DNN trained on the ranks of a job, through the same training loop as every run.
+(The grid and subimages, the local CNNs and the aggregators are distcnn.decomposition's; this is how they train.)
 
 independent  local phase: the subdomains are dealt to the ranks round-robin; each rank trains its local
              CNNs one after another as one-process runs (whole training set, no gradient communication), each
@@ -12,12 +13,14 @@ transfer     coherent, with the local CNNs initialised from an independent run: 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
 
-from distcnn import parallel, speed
+from distcnn import parallel
+from distcnn import summary as declared
 from distcnn.checkpoint import load_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.data import DataSplits
@@ -29,8 +32,9 @@ from distcnn.errors import UsageError
 from distcnn.models import count_params
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
-from distcnn.telemetry.accounting import Accounting
-from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.record import BEST, CHECKPOINT, RunRecord
+from distcnn.strategies import register_strategy
+from distcnn.trainer import Trainer, accounted, load_splits, train_run, write_environment
 
 LOCAL = "local"
 LOCAL_FIGURES = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "net_packets_per_s_mean")
@@ -87,12 +91,28 @@ def local_builder(config: TrainConfig, layout: Layout, index: int):
     return build
 
 
-def solo(ranks: Ranks) -> Ranks:
-    """This process as a job of its own: a local CNN trains without talking to the other ranks."""
-    return Ranks(0, 0, 1, 1, ranks.device, None)
+class DomainDecomposition:
+    name = "dd"
+
+    def validate(self, config: TrainConfig, splits: DataSplits) -> None:
+        validate(config, splits)
+
+    def run(self, config: TrainConfig, record: RunRecord, ranks: Ranks) -> None:
+        if config.dd_mode == "independent":
+            train_independent(config, record, ranks, load_splits(config))
+            return
+        # coherent or transfer: the whole CNN-DNN is the model; the run's accounting starts first, so its setup
+        # phase holds the loading of the data and a transfer run's independent phase
+        with accounted(config, record, ranks) as accounting:
+            splits = load_splits(config)
+            if config.dd_mode == "transfer":
+                config = transfer_start(config, record, ranks, splits)
+            Trainer(config, record, ranks, accounting, splits=splits,
+                    build_model=functools.partial(coherent_model, config),
+                    summary_extra=functools.partial(coherent_extra, config)).fit()
 
 
-def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, trainer_class):
+def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits) -> None:
     layout = layout_of(config, splits)
     count = len(layout.boxes)
     started = time.perf_counter()
@@ -102,12 +122,9 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
             continue
         sub.dir.mkdir(parents=True, exist_ok=True)
         sub.write_config(config.model_dump() | {"subdomain": index})
-        accounting = Accounting(config, sub, Ranks(0, ranks.local_rank, 1, 1, ranks.device, None))
-        try:
-            trainer_class(config, sub, solo(ranks), accounting, build_model=local_builder(config, layout, index),
-                          splits=splits).fit()
-        finally:
-            accounting.stop()
+        # a one-process run of its own: no gradient communication with the other ranks
+        train_run(config, sub, Ranks.single(ranks.device, ranks.local_rank),
+                  build_model=local_builder(config, layout, index), splits=splits)
     local_seconds = time.perf_counter() - started
     mine = {index: _probabilities(config, record, splits, layout, index, ranks)
             for index in subdomains_of(ranks.rank, ranks.world_size, count)}
@@ -116,13 +133,8 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     # gathered, not read from rank 0's disk: machines of a multi-node job need not share a filesystem
     everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
                                 "summaries": summaries}, ranks)
-    hosts = parallel.gather_hosts(ranks)
+    write_environment(config, record, ranks)
     if ranks.is_main:
-        record.write_environment(describe_environment(ranks.world_size, ranks.local_world_size,
-                                                      torch.get_num_threads(), str(ranks.device),
-                                                      ranks.backend or "none") | {"hosts": hosts}
-                                 | speed.describe(config.precision, config.memory_format, config.compile,
-                                                  ranks.device.type))
         _aggregate(config, record, splits, layout, everyone)
     parallel.barrier(ranks)
 
@@ -133,12 +145,13 @@ def _probabilities(config, record, splits, layout, index, ranks) -> dict[str, to
     sub = local_record(record.dir, index)
     model = build_local(config.model, splits.channels, splits.num_classes, layout, index, config.width,
                         config.local_width).to(ranks.device)
-    model.load_state_dict(load_checkpoint(_weights(sub), solo(ranks))["model"])
+    alone = Ranks.single(ranks.device)
+    model.load_state_dict(load_checkpoint(_weights(sub), alone)["model"])
     model.eval()
     result = {}
     for name in ("train", "val", "test"):
         images = getattr(splits, name)
-        batches = EvalInputs(images, splits.mean, splits.std, max(256, config.batch_size), solo(ranks))
+        batches = EvalInputs(images, splits.mean, splits.std, max(256, config.batch_size), alone)
         parts = [model(x).softmax(dim=1).cpu() for x, _ in batches]
         result[name] = torch.cat(parts) if parts else torch.empty(0, splits.num_classes)
     return result
@@ -162,10 +175,27 @@ def _aggregate(config: TrainConfig, record: RunRecord, splits: DataSplits, layou
         if name in chosen:
             aggregators[name] = {"test_accuracy": accuracy(decide(stacked["test"]), labels["test"])}
     aggregator_seconds = time.perf_counter() - started
+    record.write_summary(independent_summary(config, splits, layout, everyone, aggregators, aggregator_seconds))
+
+
+def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout, everyone: list, aggregators: dict,
+                        aggregator_seconds: float) -> dict:
+    """The summary.json of an independent run, assembled here and only here: its local CNNs' runs (each with
+    the loop's own summary) and its aggregators; `everyone`: what each rank gathered of its local CNNs."""
+    count = len(layout.boxes)
     summaries = {k: summary for rank in everyone for k, summary in rank["summaries"].items()}
     locals_ = [summaries[k] for k in range(count)]
     local_seconds = [rank["seconds"] for rank in everyone]  # training steps only, as a run's train_seconds
-    summary = dd_summary(config, splits, layout, locals_) | {
+    summary = {
+        "name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
+        "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
+        "subimage_size": [layout.sub_height, layout.sub_width],
+        "local_test_accuracy": [s["test_accuracy"] for s in locals_],
+        "local_params": [s["params"] for s in locals_],
+        "params": sum(s["params"] for s in locals_),
+        "train_flops_per_image": sum(s["train_flops_per_image"] for s in locals_),
+        "epochs_run": max(s["epochs_run"] for s in locals_),
+        "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test),
         "test_accuracy": aggregators["dnn" if config.aggregator == "all" else config.aggregator]["test_accuracy"],
         "aggregators": aggregators,
         "train_seconds": max(local_seconds) + aggregator_seconds,
@@ -180,21 +210,7 @@ def _aggregate(config: TrainConfig, record: RunRecord, splits: DataSplits, layou
     for figure in LOCAL_FIGURES:  # the local phase's resources: mean over the local CNNs' runs
         values = [s[figure] for s in locals_ if s.get(figure) is not None]
         summary[figure] = sum(values) / len(values) if values else None
-    record.write_summary(summary)
-
-
-def dd_summary(config: TrainConfig, splits: DataSplits, layout: Layout, locals_: list[dict]) -> dict:
-    return {
-        "name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
-        "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
-        "subimage_size": [layout.sub_height, layout.sub_width],
-        "local_test_accuracy": [s["test_accuracy"] for s in locals_],
-        "local_params": [s["params"] for s in locals_],
-        "params": sum(s["params"] for s in locals_),
-        "train_flops_per_image": sum(s["train_flops_per_image"] for s in locals_),
-        "epochs_run": max(s["epochs_run"] for s in locals_),
-        "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test),
-    }
+    return declared.checked(summary)
 
 
 def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
@@ -204,7 +220,7 @@ def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
     if config.dd_mode == "transfer":
         for k, local in enumerate(locals_):
             weights = load_checkpoint(_weights(local_record(Path(config.init_from), k)),
-                                      Ranks(0, 0, 1, 1, torch.device("cpu"), None))
+                                      Ranks.single(torch.device("cpu")))
             local.load_state_dict(weights["model"])
     return CoherentCNNDNN(locals_, splits.num_classes, hidden_layers(config))
 
@@ -212,8 +228,7 @@ def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
 INDEPENDENT = "independent"  # where a transfer run without --init-from trains its local CNNs first
 
 
-def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits,
-                   trainer_class) -> TrainConfig:
+def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits) -> TrainConfig:
     """The config of the coherent phase of a transfer run; trains the independent phase first when needed."""
     if config.init_from:
         return config
@@ -223,7 +238,7 @@ def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits:
         # time to target and shifted test sets belong to the coherent phase, the one model trained end to end
         independent = config.model_copy(update={"dd_mode": "independent", "target_accuracy": None,
                                                 "stop_at_target": False, "eval_shift": None})
-        train_independent(independent, first, ranks, splits, trainer_class)
+        train_independent(independent, first, ranks, splits)
     return config.model_copy(update={"init_from": str(first.dir)})
 
 
@@ -238,3 +253,6 @@ def coherent_extra(config: TrainConfig, model: CoherentCNNDNN, summary: dict) ->
             "local_params": [count_params(local_cnn) for local_cnn in model.locals],
             "aggregator_params": count_params(model.aggregator),
             "phases": {"local": local, "coherent": {"seconds": summary["train_seconds"]}}}
+
+
+register_strategy(DomainDecomposition())

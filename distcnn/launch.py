@@ -1,0 +1,129 @@
+"""Starting a run: validate, prepare the run directory, apply the resume rules, launch the ranks.
+
+`run(config)` is the whole job as the CLI, the study runner and the benchmarks see it: validate everything that
+can be checked before any process starts, prepare the run directory, train (in this process, on torchrun's
+workers, or on emulated hosts), and return the summary. `train(config, run_dir)` is what each rank executes
+(`python -m distcnn.worker RUN_DIR` under torchrun): its place in the job, then the run's strategy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from distcnn import parallel, shifts, speed
+from distcnn.augment import build_augment, build_batch_mix
+from distcnn.config import TrainConfig
+from distcnn.console import say
+from distcnn.data import DataSplits
+from distcnn.errors import UsageError, WorkersFailed
+from distcnn.models import check_input_size, create_model
+from distcnn.record import RunRecord
+from distcnn.strategies import get_strategy
+from distcnn.trainer import DATA_OPTIONS, load_splits
+
+# Options that may differ when a run is resumed: how it runs, not what it computes.
+RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
+                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster",
+                         "bandwidth", "delay"}
+
+
+def data_options(config: TrainConfig) -> tuple:
+    """What decides the data a run loads: runs that agree on these share their splits."""
+    return tuple(getattr(config, name) for name in DATA_OPTIONS)
+
+
+def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplits:
+    """Check data, model, augmentation and parallelism before anything is written or started (`splits`: the
+    data already loaded for these data options, as a study checking many configurations passes it)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    parallel.check_gpus(config)
+    speed.check(config.precision, config.compile, parallel.device_type(config.device))
+    if config.cluster == "emulated":
+        from distcnn import cluster
+
+        cluster.ready_hosts(config.nnodes)  # root, iproute2 and enough hosts
+    splits = splits if splits is not None else load_splits(config)
+    build_augment(config.policy, config.aug_backend, splits.channels, splits.image_size, config.aug_strength)
+    shifts.parse_shifts(config.eval_shift)
+    build_batch_mix(config.mixup, config.cutmix, splits.num_classes)
+    model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
+    check_input_size(model, splits.channels, splits.image_size, config.model)
+    get_strategy(config.strategy).validate(config, splits)
+    world = config.nproc_per_node * config.nnodes
+    if len(splits.train) < 2 * world:
+        raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
+    return splits
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{config.run_name}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool]:
+    """The run directory, checked against what it already holds; returns (record, created_now)."""
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    record = RunRecord(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a directory")
+    if record.path("config.json").exists():
+        saved = record.read_config()
+        current = config.model_dump()
+        changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
+        # The other machines of a multi-node job may share this folder: they join the same unfinished run.
+        joining = config.nnodes > 1 and not changed and not record.finished
+        if not (config.resume or joining):
+            state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
+            raise UsageError(f"{run_dir} already holds {state}; choose another --out")
+        if changed:
+            raise UsageError(f"--resume: {run_dir} was started with other options: {', '.join(changed)}")
+        return record, False
+    if config.resume and config.out is None:
+        raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_config(config.model_dump() | {"out": str(run_dir)})
+    return record, created
+
+
+def run(config: TrainConfig) -> dict | None:
+    """Validate, prepare the run directory, train, and return the summary. Raises UsageError on bad input.
+
+    Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
+    validate(config)
+    record, created = prepare_run_dir(config)
+    if record.finished:
+        say(f"{record.dir} is already finished; nothing to do")
+        return record.read_summary()
+    try:
+        if config.cluster == "emulated":
+            parallel.launch_emulated(config, record.dir)
+        elif parallel.needs_torchrun(config):
+            parallel.launch(config, record.dir)
+        else:
+            train(config, record.dir)
+    except (UsageError, WorkersFailed) as error:
+        # A mistake found only by the workers: leave nothing half-written behind.
+        if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:
+            shutil.rmtree(record.dir, ignore_errors=True)
+        raise
+    return record.read_summary() if record.finished else None
+
+
+def train(config: TrainConfig, run_dir: Path) -> None:
+    """What every rank runs: join the job, run the config's strategy on this rank, and leave the job."""
+    ranks = parallel.setup(config)
+    try:
+        get_strategy(config.strategy).run(config, RunRecord(run_dir), ranks)
+    finally:
+        parallel.teardown(ranks)

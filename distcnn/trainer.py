@@ -1,0 +1,433 @@
+"""The one training loop of every run (1..N ranks, any strategy): epochs, evaluation, early stopping, time to
+target, checkpoints; precision, memory format and compile (distcnn.speed); the DDP comm hook.
+
+A strategy (distcnn.strategies) runs it through `train_run`, passing what differs as data at construction: the
+model to build for the loaded data, the data itself, and what it adds to the summary. Every run record gets its
+environment.json from `write_environment`; a run the loop trains gets its summary.json from `run_summary` (the
+one other summary, an independent CNN-DNN's, is built from its local runs' by strategies.dd.independent_summary).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distcnn import comm, parallel, shifts, speed
+from distcnn import summary as declared
+from distcnn.augment import get_policy
+from distcnn.checkpoint import load_checkpoint, save_checkpoint
+from distcnn.config import TrainConfig
+from distcnn.console import EpochTable, StepProgress, say
+from distcnn.data import DataSplits, ImageSet, load_data
+from distcnn.models import count_params, create_model, train_flops_per_image
+from distcnn.parallel import Ranks
+from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
+from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.telemetry.accounting import Accounting
+
+DATA_OPTIONS = ("data", "data_dir", "image_size", "train_subset", "val_fraction", "test_fraction", "split_seed",
+                "download")
+
+BuildModel = Callable[[DataSplits], nn.Module]  # the network a run trains, for the data it loaded
+SummaryExtra = Callable[[nn.Module, dict], dict]  # (trained model, the loop's summary) -> what a strategy adds
+
+
+def load_splits(config: TrainConfig) -> DataSplits:
+    data, *options = DATA_OPTIONS  # load_data's keywords carry the options' own names
+    return load_data(getattr(config, data), **{name: getattr(config, name) for name in options})
+
+
+@contextmanager
+def accounted(config: TrainConfig, record: RunRecord, ranks: Ranks) -> Iterator[Accounting]:
+    """A run record's accounting, started now (its setup phase covers what comes before the loop) and stopped
+    at the end, however it ends."""
+    accounting = Accounting(config, record, ranks)
+    try:
+        yield accounting
+    finally:
+        accounting.stop()
+
+
+def train_run(config: TrainConfig, record: RunRecord, ranks: Ranks, build_model: BuildModel | None = None,
+              splits: DataSplits | None = None) -> None:
+    """Train one run record on these ranks, accounted: the config's model, or `build_model`'s."""
+    with accounted(config, record, ranks) as accounting:
+        Trainer(config, record, ranks, accounting, build_model=build_model, splits=splits).fit()
+
+
+def speed_options(config: TrainConfig, ranks: Ranks) -> dict:
+    return speed.describe(config.precision, config.memory_format, config.compile, ranks.device.type)
+
+
+def write_environment(config: TrainConfig, record: RunRecord, ranks: Ranks) -> None:
+    """The one writer of environment.json (collective: every rank calls it; rank 0 writes): the ranks, their
+    hosts, threads, device, backend and speed options of a run record."""
+    hosts = parallel.gather_hosts(ranks)
+    if ranks.is_main:
+        record.write_environment(describe_environment(
+            ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
+            ranks.backend or "none") | {"hosts": hosts} | speed_options(config, ranks))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
+    groups = [{"params": decay, "weight_decay": config.resolved_weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # On a GPU the fused update is one kernel for all parameters, and with fp16 it reads the scaler's
+    # overflow flag on the device (no host sync per step); on the CPU the default (foreach) update.
+    fused = {"fused": True} if device_type == "cuda" else {}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.resolved_lr, momentum=config.momentum,
+                               nesterov=config.momentum > 0, **fused)
+    return torch.optim.AdamW(groups, lr=config.resolved_lr, **fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "onecycle" and total >= 3:
+        # a warm-up of at least two steps: torch's OneCycleLR divides by zero when it would last one (4 steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.resolved_lr, total_steps=total,
+                                                   pct_start=max(0.25, 2 / total))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
+def note_target(state: dict, target: float | None, val_accuracy: float | None) -> bool:
+    """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with the
+    wall seconds (training + validation, checkpoints excluded) and images up to and including it, kept in the
+    run's `state` (after the epoch is counted in it). True when this epoch is that one."""
+    if target is None or state["target"] is not None or val_accuracy is None or val_accuracy < target:
+        return False
+    state["target"] = {"epoch": state["epoch"], "seconds": state["wall_seconds"], "images": state["images_seen"]}
+    return True
+
+
+def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
+    """A seed per (epoch, rank): augmentation differs across ranks, and a resumed epoch replays exactly."""
+    return (config.seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
+
+
+class Trainer:
+    """One run on one rank: the model, its optimiser and schedule, and the epoch loop."""
+
+    def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks, accounting: Accounting,
+                 build_model: BuildModel | None = None, splits: DataSplits | None = None,
+                 summary_extra: SummaryExtra | None = None):
+        """`build_model(splits) -> nn.Module` replaces the config's model (a local CNN, a CNN-DNN): any
+        network that takes whole images trains through the same loop. `summary_extra(model, summary)`: what a
+        strategy adds to the run's summary. `splits`: the data when the strategy has loaded it already."""
+        self.config, self.record, self.ranks, self.accounting = config, record, ranks, accounting
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.splits = splits if splits is not None else load_splits(config)
+        splits = self.splits
+        if build_model is None:
+            model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes,
+                                 width=config.width)
+        else:
+            model = build_model(splits)
+        self.layout = speed.resolve_layout(config.memory_format, ranks.device.type, config.precision)
+        self.memory_format = speed.torch_format(self.layout)
+        self.model = model.to(ranks.device, memory_format=self.memory_format)
+        self.precision = speed.Precision(config.precision, ranks.device)
+        self.summary_extra = summary_extra
+        self.params = count_params(self.model)
+        self.flops_per_image = train_flops_per_image(self.model, splits.channels, splits.image_size)
+        self.inputs = TrainInputs(splits, config, ranks, self.memory_format)
+        self.eval_batch = eval_batch_size(config.batch_size, splits.channels, splits.image_size)
+        self.steps_per_epoch = len(self.inputs)
+        self.optimizer = build_optimizer(self.model, config, ranks.device.type)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        # wall_seconds: training + validation of every epoch so far; target: where --target-accuracy was met
+        self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
+                      "train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0, "target": None,
+                      "history": [], "resumed_at": []}
+        self._resume()
+        self._note_restart()
+        self.ddp = self.model
+        if ranks.distributed:
+            ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # the run's comm hook, wrapped so that its bytes are counted when accounting is on
+            counter = comm.register(self.ddp, config.comm_hook, count=accounting.enabled,
+                                    powersgd_rank=config.powersgd_rank)
+            accounting.attach(self.ddp, counter)
+        self.step_model = speed.compile_model(self.ddp, config.compile)  # what the step calls
+        self.compile_seconds: float | None = None
+
+    def _resume(self) -> None:
+        """Continue from the last checkpoint when there is one (--resume, or a torchrun restart)."""
+        if not parallel.broadcast_flag(self.record.has_checkpoint, self.ranks):  # rank 0's file decides
+            return
+        checkpoint = load_checkpoint(self.record.path(CHECKPOINT), self.ranks)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.precision.load_state_dict(checkpoint.get("scaler"))
+        self.state = self.state | checkpoint["state"]  # a checkpoint from before a new key keeps its default
+        self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
+        say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
+
+    def _note_restart(self) -> None:
+        """A run restarted by torchrun (--max-restarts) records it: which restart, from which epoch on."""
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart and self.ranks.is_main:
+            self.state["restarts"] = self.state.get("restarts", []) + [
+                {"restart": restart, "resumed_after_epoch": self.state["epoch"]}]
+            say(f"restart {restart}: continuing after epoch {self.state['epoch']}", self.ranks)
+
+    def fit(self) -> None:
+        c, ranks, state = self.config, self.ranks, self.state
+        write_environment(c, self.record, ranks)
+        self._compile()
+        table = EpochTable(ranks)
+        while state["epoch"] < c.epochs and not self._should_stop():
+            epoch = state["epoch"]
+            train_loss, images, seconds = self._train_epoch(epoch)
+            accounting = self.accounting.end_epoch(epoch)
+            eval_start = time.perf_counter()
+            val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) else None
+            eval_seconds = time.perf_counter() - eval_start
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
+                   "images_per_second": images / seconds, "train_seconds": seconds,
+                   "eval_seconds": eval_seconds, "epoch_seconds": seconds + eval_seconds,
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
+                   } | accounting
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            state["train_seconds"] += seconds
+            state["wall_seconds"] += row["epoch_seconds"]
+            state["images_seen"] += images
+            reached = note_target(state, c.target_accuracy, val_accuracy)
+            improved = val_accuracy is not None and (
+                state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"])
+            if improved:
+                state["best_val_accuracy"], state["best_epoch"], state["stale_epochs"] = val_accuracy, epoch + 1, 0
+            else:
+                state["stale_epochs"] += 1
+            self._save(improved)
+            table.row(row, improved)
+            if reached:
+                say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
+                    f"{state['epoch']} ({state['wall_seconds']:.1f} s, {state['images_seen']:,} images)", ranks)
+        self._finish()
+
+    def _compile(self) -> None:
+        """Compile the step's model before the first epoch, on a batch of the training shape, so that compilation
+        is timed on its own (compile_seconds) and not inside epoch 1. The warm-up changes nothing: its gradients
+        are dropped, its communicated bytes are not counted, BatchNorm's running statistics are restored, and it
+        draws no random numbers before the epoch seeds its generator. reduce-overhead also records its CUDA
+        graphs here (they are recorded on a later call than the first)."""
+        if self.config.compile == "off":
+            return
+        saved = [buffer.clone() for buffer in self.model.buffers()]
+        x = torch.zeros(self.inputs.batch_shape, device=self.ranks.device).contiguous(memory_format=self.memory_format)
+        targets = torch.zeros(x.shape[0], dtype=torch.long, device=self.ranks.device)
+        self.step_model.train()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(3 if self.config.compile == "reduce-overhead" else 1):
+            self._step_begin()
+            with self.precision.autocast():
+                loss = self.criterion(self.step_model(x), targets)
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), saved):
+                buffer.copy_(value)
+        if self.accounting.counter is not None:
+            self.accounting.counter.take()
+        self.compile_seconds = parallel.all_reduce_max(seconds, self.ranks)
+        say(f"compiled the model ({self.config.compile}) in {self.compile_seconds:.1f} s", self.ranks)
+
+    def _step_begin(self) -> None:
+        """reduce-overhead: a new step begins, so the CUDA graphs may reuse the last step's output memory."""
+        if self.config.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _should_stop(self) -> bool:
+        if self.config.stop_at_target and self.state["target"] is not None:
+            return True
+        patience = self.config.patience
+        return patience is not None and self.state["stale_epochs"] >= patience
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds)."""
+        torch.manual_seed(seed_for(self.config, epoch, self.ranks.rank))
+        self.inputs.set_epoch(epoch)
+        self.ddp.train()
+        loss_sum = torch.zeros((), device=self.ranks.device)
+        images = 0
+        progress = StepProgress(self.ranks, f"epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch,
+                                self.accounting.live)
+        timer = self.accounting.timer
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accounting.begin_epoch(epoch)  # the timer's first phase starts here
+        self._sync()
+        start = time.perf_counter()
+        with progress:
+            for step, (raw_images, raw_labels) in enumerate(self.inputs):
+                timer.mark("data_wait")
+                x, targets = self.inputs.prepare(raw_images, raw_labels)
+                timer.mark("augmentation")
+                self._step_begin()
+                with self.precision.autocast():
+                    loss = self.criterion(self.step_model(x), targets)
+                timer.mark("forward")
+                self.precision.backward(loss)
+                timer.mark("backward")
+                self.precision.step(self.optimizer)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach() * x.shape[0]
+                images += x.shape[0]
+                progress.advance(step, loss, images, time.perf_counter() - start)
+                timer.mark("optimizer")
+                self.accounting.end_step()
+            self._sync()
+            seconds = time.perf_counter() - start
+        total_loss, total_images = parallel.all_reduce_sum([loss_sum.item(), float(images)], self.ranks)
+        seconds = parallel.all_reduce_max(seconds, self.ranks)
+        return total_loss / max(1.0, total_images), int(total_images), seconds
+
+    def _sync(self) -> None:
+        if self.ranks.device.type == "cuda":
+            torch.cuda.synchronize(self.ranks.device)
+
+    @torch.inference_mode()
+    def evaluate(self, images, shift: shifts.Shift | None = None) -> float:
+        """Accuracy over a whole split (optionally shifted): each rank scores its shard in large batches, at the
+        run's precision, counting on the device (one read at the end); the counts are summed over ranks."""
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.long, device=self.ranks.device)
+        total = 0
+        inputs = EvalInputs(images, self.splits.mean, self.splits.std, self.eval_batch, self.ranks, shift,
+                            self.memory_format)
+        with self.precision.autocast():
+            for x, labels in inputs:
+                correct += (self.model(x).argmax(dim=1) == labels).sum()
+                total += labels.numel()
+        correct, total = parallel.all_reduce_sum([float(correct.item()), float(total)], self.ranks)
+        return correct / total if total else math.nan
+
+    def _save(self, improved: bool) -> None:
+        """Rank 0 writes the epoch's checkpoint, the best weights and epochs.csv, each atomically."""
+        if not self.ranks.is_main:
+            return
+        if improved:
+            save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
+        save_checkpoint(self.record.path(CHECKPOINT), {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
+            "state": copy.deepcopy(self.state)})
+        self.record.write_epochs(self.state["history"])
+
+    def _finish(self) -> None:
+        """Score the best weights on the test set once, and write the summary (last: it marks the run done)."""
+        state = self.state
+        if state["best_epoch"] is not None:
+            best = load_checkpoint(self.record.path(BEST), self.ranks)
+            self.model.load_state_dict(best["model"])
+        test_accuracy = self.evaluate(self.splits.test)
+        shift_start = time.perf_counter()
+        shift_images, shift_clean, shift_accuracy = evaluate_shifts(self)
+        shift_seconds = time.perf_counter() - shift_start if shift_accuracy is not None else None
+        summary = run_summary(self, test_accuracy, shift_images, shift_clean, shift_accuracy, shift_seconds)
+        if self.ranks.is_main:
+            self.record.write_summary(summary)
+            say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "
+                f"({state['train_seconds']:.1f} s training) — run record: {self.record.dir}", self.ranks)
+        parallel.barrier(self.ranks)
+
+
+def evaluate_shifts(trainer: Trainer) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
+    """--eval-shift: (images scored, their unshifted accuracy, {shift: {"1": accuracy, ...}}) on shifted copies
+    of the test set, or of --shift-images of its images. Shifts and subset are seeded by the split seed: every
+    run of a study is scored on the same shifted images."""
+    config, splits = trainer.config, trainer.splits
+    names = shifts.parse_shifts(config.eval_shift)
+    if not names:
+        return None, None, None
+    test, n = splits.test, config.shift_images
+    if n is not None and n < len(test):
+        generator = torch.Generator().manual_seed(config.split_seed)
+        chosen = torch.randperm(len(test), generator=generator)[:n].sort().values
+        test = ImageSet(test.images[chosen], test.labels[chosen])
+    clean = trainer.evaluate(test) if test is not splits.test else None
+    accuracy = {name: {str(severity): trainer.evaluate(test, shifts.Shift(name, severity, config.split_seed))
+                       for severity in shifts.SEVERITIES} for name in names}
+    return len(test), clean, accuracy
+
+
+def shifts_in_training(config: TrainConfig, channels: int) -> list[str]:
+    """The shifts this run's augmentation (at its strength) and CutMix train on."""
+    policy = get_policy(config.policy).scaled(config.aug_strength).for_channels(channels)
+    return shifts.shifts_in_training(policy, config.cutmix)
+
+
+def run_summary(trainer: Trainer, test_accuracy: float, shift_images: int | None, shift_clean: float | None,
+                shift_accuracy: dict | None, shift_seconds: float | None) -> dict:
+    """The summary.json of a run trained by the loop, assembled here and only here: the loop's own figures,
+    then accounting's (collective: every rank calls this), then what the run's strategy adds."""
+    config, splits, ranks, state = trainer.config, trainer.splits, trainer.ranks, trainer.state
+    target = state["target"] or {}
+    summary = {
+        "name": config.run_name,
+        "model": config.model,
+        "policy": config.policy,
+        "aug_backend": config.aug_backend,
+        **speed_options(config, ranks),
+        "data": splits.name,
+        "world_size": ranks.world_size,
+        "test_accuracy": test_accuracy,
+        "best_val_accuracy": state["best_val_accuracy"],
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "stopped_early": state["epoch"] < config.epochs,
+        "train_seconds": state["train_seconds"],
+        "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state["history"]),
+        "compile_seconds": trainer.compile_seconds,
+        "images_seen": state["images_seen"],
+        "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+        "params": trainer.params,
+        "train_flops_per_image": trainer.flops_per_image,
+        "achieved_flops_per_s": (trainer.flops_per_image * state["images_seen"] / ranks.world_size
+                                 / state["train_seconds"]) if state["train_seconds"] else None,
+        "gradient_bytes": comm.gradient_bytes(trainer.model),
+        "train_images": len(splits.train),
+        "val_images": len(splits.val),
+        "test_images": len(splits.test),
+        "resumed_at_epochs": state["resumed_at"],
+        "restarts": state.get("restarts", []),
+        "telemetry": config.telemetry,
+        "aug_strength": config.aug_strength,
+        "target_accuracy": config.target_accuracy,
+        "time_to_target_seconds": target.get("seconds"),
+        "epochs_to_target": target.get("epoch"),
+        "images_to_target": target.get("images"),
+        # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
+        "stopped_at_target": bool(config.stop_at_target and target and state["epoch"] < config.epochs),
+        "shift_images": shift_images,
+        "shift_clean_accuracy": test_accuracy if shift_accuracy and shift_clean is None else shift_clean,
+        "shift_accuracy": shift_accuracy,
+        "shift_accuracy_mean": (sum(a for by in shift_accuracy.values() for a in by.values())
+                                / sum(len(by) for by in shift_accuracy.values())) if shift_accuracy else None,
+        "shifts_in_training": shifts_in_training(config, splits.channels),
+        "shift_eval_seconds": shift_seconds,
+    } | trainer.accounting.summary(state["history"])
+    if trainer.summary_extra is not None:
+        summary |= trainer.summary_extra(trainer.model, summary)
+    return declared.checked(summary)
