@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distcnn-installed
 STUDY ?=  # a study file; empty: the built-in cost study
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q
+
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup data
 	$(PY) benchmarks/throughput.py

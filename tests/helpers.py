@@ -1,13 +1,169 @@
-"""Small datasets written to disk for tests: image folders a tiny CNN can learn, and IDX files."""
+"""What tests share besides fixtures: the CLI run as a user types it or in this process, studies with a stubbed
+trainer or a real one, a run killed mid-epoch, reading reports; and small datasets written to disk (image folders
+a tiny CNN can learn, IDX files)."""
 
 from __future__ import annotations
 
 import colorsys
 import gzip
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+# The shared real study (the session fixture `tiny_study`): 2^2 configurations x 2 replicates of one epoch.
+TINY_STUDY = """
+[base]
+data = "synthetic:n=300"
+epochs = 1
+batch-size = 32
+sample-interval = 0.1
+[factors]
+policy = ["none", "flip-crop"]
+model = ["lenet", "simplecnn"]
+[study]
+replicates = 2
+design = "2k"
+responses = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
+"""
+STUDY_FILE = "tiny.toml"  # a study's name is its file's: a study run again must be written under the same name
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m distcnn ARGS` as a user would type it (`env`: variables to add), with output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1") | (env or {})
+    return subprocess.run([sys.executable, "-m", "distcnn", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`distcnn ARGS` in this process (no interpreter to start): (exit code, stdout, stderr)."""
+    from distcnn.cli import main
+
+    capsys.readouterr()  # only what this command prints
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def usage_error(capsys, *args: str) -> str:
+    """`distcnn ARGS` in this process, refused as a user mistake: exit code 2 and one line on stderr, no
+    traceback. That line."""
+    code, _, err = cli(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("distcnn: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- runs and studies ---------------------------------------------------------------------------------------
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def interrupted_run(monkeypatch, config, epoch: int) -> None:
+    """Run `config` and kill it (KeyboardInterrupt) as it starts epoch index `epoch`, after the checkpoints of
+    the epochs before; the trainer is whole again afterwards, ready for the run to resume."""
+    from distcnn.launch import run
+    from distcnn.trainer import Trainer
+
+    original = Trainer._train_epoch
+
+    def crash(self, index):
+        if index == epoch:
+            raise KeyboardInterrupt("killed")
+        return original(self, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_train_epoch", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+
+
+def stub_training(monkeypatch, fail=None) -> Counter:
+    """Studies run a stand-in for training: each run writes and returns a summary (figures that differ by
+    configuration and seed) in no time. `fail(config, attempt)` may return an exception for that attempt of a
+    run to raise instead (attempts count from 1). Returns the calls per run name. For bookkeeping tests only."""
+    from distcnn.study import runner
+
+    calls: Counter = Counter()
+
+    def run(config):
+        calls[config.name] += 1
+        error = fail(config, calls[config.name]) if fail else None
+        if error is not None:
+            raise error
+        spread = zlib.crc32(f"{config.name}/{config.seed}".encode()) % 1000 / 10_000
+        summary = {"name": config.name, "seed": config.seed, "epochs_run": config.epochs,
+                   "test_accuracy": 0.5 + spread, "cpu_percent_mean": 90 + 10 * spread, "train_seconds": 1 + spread}
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        (Path(config.out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    # The runner calls the launcher through its module; it lives in distcnn.launch (earlier: distcnn.train).
+    monkeypatch.setattr(runner.launch if hasattr(runner, "launch") else runner.train, "run", run)
+    return calls
+
+
+def write_study(folder: Path, text: str = TINY_STUDY) -> Path:
+    """The study file `text` in `folder`, under the one name every test gives it."""
+    path = Path(folder) / STUDY_FILE
+    path.write_text(text)
+    return path
+
+
+def run_study(folder: Path, text: str = TINY_STUDY) -> Path:
+    """Write a study file into `folder` and run it through the CLI, for real, without its report; the study
+    directory."""
+    out = Path(folder) / "out"
+    result = run_cli("study", str(write_study(folder, text)), "--out", str(out), "--no-report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def copy_study(study_dir: Path, folder: Path) -> Path:
+    """A copy of a study directory (without its report) that a test may change: shared studies stay as run."""
+    copy = Path(folder) / "study"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("report*"))
+    return copy
+
+
+def written_report(study_dir: Path) -> tuple[str, str]:
+    """Write a study's report; (its HTML, its Markdown)."""
+    from distcnn.study.report import write_report
+
+    html_path, md_path = write_report(study_dir)
+    return html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+def markdown_table(markdown: str, heading: str) -> list[list[str]]:
+    """The first table after `heading`, as rows of cells without escapes (header first, --- line left out)."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+    return [[cell.strip().replace("\\", "") for cell in line.strip("|").split(" | ")]
+            for line in table if not line.startswith("| ---")]
+
+
+# ---- datasets on disk ---------------------------------------------------------------------------------------
 
 IDX_TYPE_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
                   np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from conftest import read_summary, run_cli
+from helpers import read_summary, run_cli
 from distcnn.config import make_config
 from distcnn.models import create_model
 from distcnn.telemetry.counters import Rapl
 from distcnn.telemetry.sampler import read_rows
-from distcnn.train import run
+from distcnn.launch import run
 
 RESOURCE_FIELDS = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "rss_peak_bytes",
                    "net_packets_per_s_mean", "net_bytes_total", "achieved_flops_per_s")
@@ -45,6 +45,7 @@ def allreduce_run(tmp_path_factory):
     return out, two_rank_run(out)
 
 
+@pytest.mark.slow
 def test_allreduce_hands_over_exactly_the_gradient_bytes_every_step(allreduce_run):
     out, summary = allreduce_run
     grads = gradient_bytes_of_simplecnn()
@@ -59,6 +60,7 @@ def test_allreduce_hands_over_exactly_the_gradient_bytes_every_step(allreduce_ru
     assert summary["ddp_comm_seconds_mean"] > 0, "DDP's own timer of its allreduce"
 
 
+@pytest.mark.slow
 def test_each_rank_has_an_increasing_series_with_cpu_use_while_training(allreduce_run):
     out, _ = allreduce_run
     for rank in (0, 1):
@@ -73,6 +75,7 @@ def test_each_rank_has_an_increasing_series_with_cpu_use_while_training(allreduc
         assert bool(host_level) == (rank == 0), "host figures come from local rank 0 only: counted once"
 
 
+@pytest.mark.slow
 def test_two_local_ranks_talk_over_loopback_at_least_the_ring_bytes(allreduce_run):
     """Gloo's allreduce of N = 2 ranks sends each rank's whole buffer once (half reduce-scatter, half
     all-gather): the loopback interface must carry at least that, and not much more than headers add."""
@@ -87,6 +90,7 @@ def test_two_local_ranks_talk_over_loopback_at_least_the_ring_bytes(allreduce_ru
     assert 0.99 * ring_total <= loopback["tx_bytes"] <= 1.5 * ring_total
 
 
+@pytest.mark.slow
 def test_show_prints_and_draws_a_real_run(allreduce_run):
     out, summary = allreduce_run
     result = run_cli("show", str(out))
@@ -96,6 +100,7 @@ def test_show_prints_and_draws_a_real_run(allreduce_run):
 
 
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
+@pytest.mark.slow
 def test_half_precision_hooks_hand_over_half_the_gradient_bytes(tmp_path, hook):
     summary = two_rank_run(tmp_path / hook, "--comm-hook", hook)
     assert summary["comm_hook"] == hook
@@ -103,6 +108,7 @@ def test_half_precision_hooks_hand_over_half_the_gradient_bytes(tmp_path, hook):
     assert summary["test_accuracy"] > 0.3, "still learns (chance is 0.1)"
 
 
+@pytest.mark.slow
 def test_powersgd_hands_over_less_after_its_first_uncompressed_step(tmp_path):
     out = tmp_path / "powersgd"
     summary = two_rank_run(out, "--comm-hook", "powersgd")
@@ -113,6 +119,7 @@ def test_powersgd_hands_over_less_after_its_first_uncompressed_step(tmp_path):
     assert summary["test_accuracy"] > 0.2
 
 
+@pytest.mark.slow
 def test_powersgd_on_gloo_survives_a_model_of_several_buckets(tmp_path):
     """resnet18's 45 MB of gradients fill several DDP buckets; torch's PowerSGD then issues collectives from
     callback threads in an order that differs between ranks, and gloo aborts (size mismatch) unless the

@@ -212,7 +212,7 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
 
 
 def test_cli_prints_json_only(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     path = tmp_path / "runs.csv"
     two_level_table().to_csv(path, index=False)
@@ -225,15 +225,12 @@ def test_cli_prints_json_only(tmp_path):
     assert table.returncode == 0 and "allocation of variation" in table.stdout and "A:B:C" in table.stdout
 
 
-def test_cli_unknown_response_is_one_line_and_exit_2(tmp_path):
-    from conftest import run_cli
+def test_cli_unknown_response_is_one_line_and_exit_2(tmp_path, capsys):
+    from helpers import usage_error
 
     path = tmp_path / "runs.csv"
     two_level_table().to_csv(path, index=False)
-    result = run_cli("analyze", str(path), "--factors", "A,B", "--responses", "yy")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith("distcnn: error:") and "nearest: y" in lines[0]
+    assert "nearest: y" in usage_error(capsys, "analyze", path, "--factors", "A,B", "--responses", "yy")
 
 
 def test_the_tables_name_every_term_and_configuration(tmp_path, capsys):

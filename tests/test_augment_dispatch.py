@@ -103,6 +103,7 @@ def test_an_op_that_cannot_be_drawn_dispatches_nothing():
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler")
 @pytest.mark.parametrize("policy", ["paper", "trivialaugment"])
+@pytest.mark.slow
 def test_compiled_batched_path_gives_the_eager_images(policy):
     """One graph (fullgraph=True) that does not depend on the draws: new draws do not recompile."""
     torch.manual_seed(0)

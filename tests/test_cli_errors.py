@@ -1,11 +1,11 @@
-"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing left behind."""
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing left behind. Checked in this process
+(`distcnn.cli.main`); one test runs the console command itself."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
-from helpers import make_imagefolder
+from helpers import make_imagefolder, run_cli, usage_error
 
 CASES = {
     "unknown model": (["--model", "resnet181"], "resnet18"),
@@ -29,27 +29,30 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     args, expected = CASES[case]
     out = tmp_path / "run"
-    result = run_cli("train", "--epochs", "1", "--data", "synthetic", *args, "--out", str(out), timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert expected in lines[0]
+    assert expected in usage_error(capsys, "train", "--epochs", "1", "--data", "synthetic", *args, "--out", out)
     assert not out.exists(), "a failed start must not leave a run directory behind"
 
 
-def test_empty_class_folder_and_unreadable_image(tmp_path):
+def test_the_console_command_exits_2_with_one_line(tmp_path):
+    """`python -m distcnn` itself: main's exit code becomes the process's, the one line reaches stderr."""
+    out = tmp_path / "run"
+    result = run_cli("train", "--polcy", "paper", "--out", str(out), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("distcnn: error:") and "--policy" in lines[0]
+    assert not out.exists()
+
+
+def test_empty_class_folder_and_unreadable_image(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "images", classes=3, per_class=5, size=16)
     (root / "empty_class").mkdir()
-    result = run_cli("train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "r1"))
-    assert result.returncode == 2 and "empty_class" in result.stderr and "Traceback" not in result.stderr
+    assert "empty_class" in usage_error(capsys, "train", "--data", f"imagefolder:{root}", "--out", tmp_path / "r1")
 
     (root / "empty_class").rmdir()
     broken = next((root).glob("*/*.png"))
     broken.write_bytes(b"not a png at all")
-    result = run_cli("train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "r2"))
-    assert result.returncode == 2 and broken.name in result.stderr and "Traceback" not in result.stderr
+    assert broken.name in usage_error(capsys, "train", "--data", f"imagefolder:{root}", "--out", tmp_path / "r2")
     assert not (tmp_path / "r2").exists()

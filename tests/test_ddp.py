@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import read_summary, run_cli
 from distcnn.models import create_model
+from helpers import read_summary, run_cli
+
+pytestmark = pytest.mark.slow  # every test here launches several processes
 
 
 def train(tmp_path, name, *args):

@@ -9,8 +9,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
-from conftest import ROOT, read_summary, run_cli
+from helpers import ROOT, read_summary, run_cli
+
+pytestmark = pytest.mark.slow  # every test here launches several processes
 
 ARGS = ("train", "--data", "synthetic:n=1600", "--epochs", "3", "--batch-size", "32", "--nproc-per-node", "2",
         "--max-restarts", "1", "--seed", "2", "--sample-interval", "0.1")

@@ -1,49 +1,29 @@
-"""The study report: a real tiny 2^2 2 study run through the CLI, then its report read the way a person would:
-every section there, every plot inline, the Markdown's images on disk, the shares adding up."""
+"""The study report: the shared real tiny 2^2 2 study (the `tiny_study` fixture), then its report read the way a
+person would: every section there, every plot inline, the Markdown's images on disk, the shares adding up."""
 
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import re
 import shutil
 import sqlite3
 
 import pytest
-from conftest import run_cli, run_study_text, written_report
+from helpers import PNG, cli, copy_study, markdown_table
 
 from distcnn.errors import UsageError
 from distcnn.study.report import configuration_label, write_report
 
-STUDY = """
-[base]
-data = "synthetic:n=300"
-epochs = 1
-batch-size = 32
-sample-interval = 0.1
-[factors]
-policy = ["none", "flip-crop"]
-model = ["lenet", "simplecnn"]
-[study]
-replicates = 2
-design = "2k"
-responses = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
-"""
 FACTORS = {"policy": ["none", "flip-crop"], "model": ["lenet", "simplecnn"]}
 RESPONSES = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
 SECTIONS = ["means", "allocation of variation", "main effects", "interactions", "resources", "pareto", "environment"]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return run_study_text(tmp_path_factory.mktemp("study"), STUDY)
-
-
-@pytest.fixture(scope="module")
-def report(study):
-    return written_report(study)
+def study(tiny_study, tmp_path_factory):
+    """A copy of the shared study for the report (conftest's `report` fixture) to be written into."""
+    return copy_study(tiny_study, tmp_path_factory.mktemp("report"))
 
 
 def configuration_labels() -> list[str]:
@@ -51,20 +31,13 @@ def configuration_labels() -> list[str]:
             for policy in FACTORS["policy"] for model in FACTORS["model"]]
 
 
-def markdown_table(markdown: str, heading: str) -> list[list[str]]:
-    """The first table after `heading`, as rows of cells without escapes (header first, --- line left out)."""
-    lines = markdown.split(heading, 1)[1].splitlines()
-    first = next(index for index, line in enumerate(lines) if line.startswith("|"))
-    table = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
-    return [[cell.strip().replace("\\", "") for cell in line.strip("|").split(" | ")]
-            for line in table if not line.startswith("| ---")]
-
-
+@pytest.mark.slow
 def test_both_files_are_written_where_promised(study, report):
     assert (study / "report.html").is_file() and (study / "report.md").is_file()
     assert not list(study.glob(".report*")) and not list((study / "report_files").glob(".*"))  # no temp files left
 
 
+@pytest.mark.slow
 def test_html_has_every_section_configuration_and_response(report):
     page = report[0].lower()
     for section in SECTIONS:
@@ -75,6 +48,7 @@ def test_html_has_every_section_configuration_and_response(report):
         assert response in page
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_with_real_inline_plots(report):
     page = report[0]
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -87,6 +61,7 @@ def test_html_is_self_contained_with_real_inline_plots(report):
     assert len(re.findall("<img", page)) == len(images)  # no image from anywhere else
 
 
+@pytest.mark.slow
 def test_markdown_links_only_plots_that_exist(study, report):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report[1])
     assert len(links) >= 4
@@ -95,6 +70,7 @@ def test_markdown_links_only_plots_that_exist(study, report):
     assert "data:image" not in report[1]
 
 
+@pytest.mark.slow
 def test_allocation_of_variation_adds_up_to_100_and_marks_the_largest(report):
     header, *rows = markdown_table(report[1], "## Allocation of variation")
     assert header[1:] == RESPONSES
@@ -109,6 +85,7 @@ def test_allocation_of_variation_adds_up_to_100_and_marks_the_largest(report):
         assert largest.startswith("**") and sum(cell.startswith("**") for cell in cells) == cells.count(largest)
 
 
+@pytest.mark.slow
 def test_means_table_has_a_row_per_configuration(report):
     header, *rows = markdown_table(report[1], "## Means per configuration")
     assert header == ["policy", "model", "runs", *RESPONSES]
@@ -117,9 +94,9 @@ def test_means_table_has_a_row_per_configuration(report):
     assert all(re.fullmatch(r"0\.\d{4} ± \d\.\d{4}", row[3]) for row in rows)  # accuracies to 4 decimals
 
 
+@pytest.mark.slow
 def test_failed_runs_and_responses_without_numbers_are_reported_not_fatal(study, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report*"))
+    copy = copy_study(study, tmp_path)
     with sqlite3.connect(copy / "study.db") as db:
         db.execute("UPDATE runs SET status = 'failed', error = '<b>boom</b> & out of memory' WHERE run_id = 'c00-r1'")
         spec = json.loads(db.execute("SELECT value FROM study WHERE key = 'spec'").fetchone()[0])
@@ -136,6 +113,7 @@ def test_a_directory_without_study_db_is_a_usage_error(tmp_path):
         write_report(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_study_without_finished_runs_is_a_usage_error(study, tmp_path):
     copy = tmp_path / "pending"
     copy.mkdir()
@@ -146,12 +124,14 @@ def test_a_study_without_finished_runs_is_a_usage_error(study, tmp_path):
         write_report(copy)
 
 
-def test_the_cli_writes_the_report(study):
-    result = run_cli("report", str(study))
-    assert result.returncode == 0, result.stderr
-    assert str(study / "report.html") in result.stdout and str(study / "report.md") in result.stdout
+@pytest.mark.slow
+def test_the_cli_writes_the_report(study, capsys):
+    code, stdout, stderr = cli(capsys, "report", study)
+    assert code == 0, stderr
+    assert str(study / "report.html") in stdout and str(study / "report.md") in stdout
 
 
+@pytest.mark.slow
 def test_sections_for_factors_the_study_lacks_are_left_out(report):
     page = report[0]
     for heading in ("Accuracy versus data", "Robustness to shifted test sets", "Over-augmentation",

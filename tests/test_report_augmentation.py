@@ -10,8 +10,7 @@ import re
 import sqlite3
 
 import pytest
-from conftest import run_study_text, written_report
-from test_report import PNG, markdown_table
+from helpers import PNG, markdown_table, run_study
 
 from distcnn.study.report import data_needed, thresholds
 
@@ -39,12 +38,8 @@ SECTIONS = {"Time to accuracy": None, "Accuracy versus data": "accuracy_vs_data"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return run_study_text(tmp_path_factory.mktemp("augmentation-study"), STUDY)
-
-
-@pytest.fixture(scope="module")
-def report(study):
-    return written_report(study)
+    """This module's own real study; conftest's `report` fixture writes its report."""
+    return run_study(tmp_path_factory.mktemp("augmentation-study"), STUDY)
 
 
 def summaries(study) -> list[dict]:
@@ -52,6 +47,7 @@ def summaries(study) -> list[dict]:
         return [json.loads(row[0]) for row in db.execute("SELECT summary FROM runs WHERE status = 'done'")]
 
 
+@pytest.mark.slow
 def test_every_run_records_shift_accuracy_and_its_training_shifts(study):
     runs = summaries(study)
     assert len(runs) == 8
@@ -68,6 +64,7 @@ def test_every_run_records_shift_accuracy_and_its_training_shifts(study):
         assert 0 <= summary["shift_clean_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_the_report_has_the_sections_and_their_plots(study, report):
     page, markdown = report
     for heading, image in SECTIONS.items():
@@ -80,6 +77,7 @@ def test_the_report_has_the_sections_and_their_plots(study, report):
         assert base64.b64decode(data).startswith(PNG)
 
 
+@pytest.mark.slow
 def test_images_needed_table_interpolates_or_says_not_reached(report):
     header, *rows = markdown_table(report[1], "## Accuracy versus data")
     assert header[0] == "configuration" and all(h.startswith("images for ") for h in header[1:])
@@ -90,6 +88,7 @@ def test_images_needed_table_interpolates_or_says_not_reached(report):
                             r"200 \(measured\)", cell), cell
 
 
+@pytest.mark.slow
 def test_robustness_table_keeps_in_training_shifts_apart(report):
     header, *rows = markdown_table(report[1], "## Robustness to shifted test sets")
     assert header == ["configuration", "unshifted accuracy", *SHIFTS, "in training (mean)", "not in training (mean)",
@@ -114,6 +113,7 @@ def test_robustness_table_keeps_in_training_shifts_apart(report):
         assert float(row[7]) == pytest.approx(sum(expected) / len(expected), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_over_augmentation_and_time_to_accuracy_tables(report):
     header, *rows = markdown_table(report[1], "## Over-augmentation")
     assert header[:2] == ["configuration", "best strength"]

@@ -6,8 +6,8 @@ import csv
 import io
 import json
 
-from conftest import run_cli
-from distcnn.telemetry.show import read_series
+from helpers import run_cli, usage_error
+from distcnn.record import read_series
 
 HOST = "node-a"
 COLUMNS = ["time", "elapsed_s", "interval_s", "phase", "epoch", "host", "rank", "local_rank",
@@ -70,13 +70,6 @@ def make_run(root, summary: dict | None = SUMMARY, telemetry: bool = True):
     return run
 
 
-def assert_usage_error(result, expected: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("distcnn: error:") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_show_prints_the_table_and_draws_the_png(tmp_path):
     run = make_run(tmp_path)
     result = run_cli("show", str(run), timeout=120)
@@ -113,12 +106,12 @@ def test_unfinished_run_shows_its_series(tmp_path):
     assert (run / "telemetry.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_not_a_run_is_one_line_and_exit_2(tmp_path):
-    assert_usage_error(run_cli("show", str(tmp_path / "nowhere")), "does not exist")
+def test_not_a_run_is_one_line_and_exit_2(tmp_path, capsys):
+    assert "does not exist" in usage_error(capsys, "show", tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    assert_usage_error(run_cli("show", str(tmp_path / "empty")), "not a run directory")
+    assert "not a run directory" in usage_error(capsys, "show", tmp_path / "empty")
     (tmp_path / "file").write_text("x")
-    assert_usage_error(run_cli("show", str(tmp_path / "file")), "not a directory")
+    assert "not a directory" in usage_error(capsys, "show", tmp_path / "file")
 
 
 def test_read_series_parses_numbers_keeps_gaps_and_skips_torn_lines(tmp_path):

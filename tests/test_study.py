@@ -1,5 +1,8 @@
 """Studies: the study file is checked before anything runs, the design is expanded and randomised, every
-configuration × replicate is recorded exactly once — also when the study is killed and run again."""
+configuration × replicate is recorded exactly once — also when the study is killed and run again.
+
+The bookkeeping (reruns, retries, resuming) is checked on a stubbed trainer (helpers.stub_training); what real runs
+record, on the shared real study (the `tiny_study` fixture) and on one real study killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -12,43 +15,22 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
 from distcnn.errors import UsageError, WorkersFailed
-from distcnn.study import runner as runner_module
 from distcnn.study.runner import StudyRunner, plan_runs
 from distcnn.study.spec import load_spec, parse_spec
 from distcnn.study.store import load_runs_table
+from helpers import ROOT, TINY_STUDY as TINY, cli, run_cli, stub_training, usage_error, write_study
 
-TINY = """
-[base]
-data = "synthetic:n=300"
-epochs = 1
-batch-size = 32
-sample-interval = 0.1
-model = "simplecnn"
-[factors]
-policy = ["none", "flip-crop"]
-width = [0.5, 1.0]
-[study]
-replicates = 2
-design = "2k"
-responses = ["test_accuracy", "cpu_percent_mean"]
-"""
-
-
-def write(tmp_path, text: str, name: str = "study.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+LEVELS = {"policy": ["none", "flip-crop"], "model": ["lenet", "simplecnn"]}
 
 
 @pytest.mark.parametrize("text, message", [
     (TINY.replace("epochs = 1", "epohcs = 1"), "unknown option 'epohcs' (nearest: epochs"),
     (TINY.replace("policy = [", "polcy = ["), "unknown option 'polcy' (nearest: policy"),
     (TINY.replace('policy = ["none", "flip-crop"]', "policy = []"), "non-empty list of levels"),
-    (TINY.replace("[0.5, 1.0]", "[0.5, 1.0, 2.0]"), 'design "2k" needs two levels'),
-    (TINY.replace("[0.5, 1.0]", "[0.5, 0.5]"), "a level is listed twice"),
-    (TINY.replace('"cpu_percent_mean"]', '"cpu_precent_mean"]'), "unknown response 'cpu_precent_mean' (nearest: cpu_percent_mean"),
+    (TINY.replace('"simplecnn"]', '"simplecnn", "deepcnn"]'), 'design "2k" needs two levels'),
+    (TINY.replace('"simplecnn"]', '"lenet"]'), "a level is listed twice"),
+    (TINY.replace('"cpu_percent_mean"', '"cpu_precent_mean"'), "unknown response 'cpu_precent_mean' (nearest: cpu_percent_mean"),
     (TINY.replace("[study]", "[studdy]"), "unknown section [studdy]"),
     (TINY.replace("epochs = 1", "epochs = 0"), "--epochs"),
     (TINY.replace("epochs = 1", "seed = 3"), "set [study] seed"),
@@ -56,20 +38,17 @@ def write(tmp_path, text: str, name: str = "study.toml"):
 ])
 def test_a_bad_study_file_is_one_clear_line(tmp_path, text, message):
     with pytest.raises(UsageError) as error:
-        load_spec(write(tmp_path, text))
+        load_spec(write_study(tmp_path, text))
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_bad_input_from_the_command_line_runs_nothing(tmp_path):
+def test_bad_input_from_the_command_line_runs_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    bad_model = write(tmp_path, TINY.replace('model = "simplecnn"', 'model = "simplecnnn"'))
-    result = run_cli("study", str(bad_model), "--out", str(out))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("distcnn: error: configuration policy=none width=0.5: unknown model 'simplecnnn'")
-    assert len(result.stderr.strip().splitlines()) == 1
+    bad_model = write_study(tmp_path, TINY.replace('"simplecnn"]', '"simplecnnn"]'))
+    line = usage_error(capsys, "study", bad_model, "--out", out)
+    assert line.startswith("distcnn: error: configuration policy=none model=simplecnnn: unknown model 'simplecnnn'")
     assert not (out / "study.db").exists(), "nothing run, nothing recorded"
-    missing = run_cli("study", str(tmp_path / "nope.toml"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "does not exist" in usage_error(capsys, "study", tmp_path / "nope.toml")
 
 
 def test_the_design_expands_every_configuration_and_replicate_in_a_seeded_random_order():
@@ -84,23 +63,32 @@ def test_the_design_expands_every_configuration_and_replicate_in_a_seeded_random
     assert [p["run_id"] for p in planned] != [p["run_id"] for p in product_order], "randomised"
 
 
-def test_a_study_runs_once_and_running_it_again_reruns_nothing(tmp_path):
-    out = tmp_path / "study"
-    first = run_cli("study", str(write(tmp_path, TINY)), "--out", str(out), "--no-report", timeout=600)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "8/8 runs done" in first.stdout
-    rows, order = load_runs_table(out)
-    assert len(rows) == 8 and order == {"policy": ["none", "flip-crop"], "width": [0.5, 1.0]}
+@pytest.mark.slow
+def test_a_real_study_trains_and_records_every_run_once(tiny_study):
+    rows, order = load_runs_table(tiny_study)
+    assert len(rows) == 8 and order == LEVELS
     accuracies = [row["test_accuracy"] for row in rows]
     assert all(0 <= a <= 1 for a in accuracies) and sum(accuracies) / 8 > 0.25, "the runs trained (chance: 0.1)"
     assert all(row["cpu_percent_mean"] is not None for row in rows)
+    runs = runs_in(tiny_study)
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in runs)
+    for run in runs:  # each run's own record, with one row per epoch
+        assert len((tiny_study / "runs" / run["run_id"] / "epochs.csv").read_text().splitlines()) == 1 + 1
+
+
+def test_a_study_runs_once_and_running_it_again_reruns_nothing(tmp_path, monkeypatch, capsys):
+    calls = stub_training(monkeypatch)
+    out, spec_file = tmp_path / "study", write_study(tmp_path)
+    code, stdout, stderr = cli(capsys, "study", spec_file, "--out", out, "--no-report")
+    assert code == 0 and "8/8 runs done" in stdout, stdout + stderr
+    assert len(calls) == 8 and set(calls.values()) == {1}
     before = {r["run_id"]: (r["started_at"], r["attempts"]) for r in runs_in(out)}
-    again = run_cli("study", str(write(tmp_path, TINY)), "--out", str(out), "--no-report")
-    assert again.returncode == 0 and "8/8 runs done" in again.stdout
+    code, stdout, stderr = cli(capsys, "study", spec_file, "--out", out, "--no-report")
+    assert code == 0 and "8/8 runs done" in stdout, stdout + stderr
+    assert sum(calls.values()) == 8, "nothing ran again"
     assert {r["run_id"]: (r["started_at"], r["attempts"]) for r in runs_in(out)} == before
-    other = run_cli("study", str(write(tmp_path, TINY.replace("replicates = 2", "replicates = 3"))),
-                    "--out", str(out), "--no-report")
-    assert other.returncode == 2 and "holds another study" in other.stderr
+    other = write_study(tmp_path, TINY.replace("replicates = 2", "replicates = 3"))
+    assert "holds another study" in usage_error(capsys, "study", other, "--out", out, "--no-report")
 
 
 def runs_in(out) -> list[dict]:
@@ -109,9 +97,39 @@ def runs_in(out) -> list[dict]:
         return [dict(row) for row in db.execute("SELECT * FROM runs")]
 
 
+def test_an_interrupted_study_runs_the_interrupted_run_again_and_no_finished_one(tmp_path, monkeypatch):
+    """The bookkeeping of a study stopped in its third run (Ctrl-C, or a kill: the run stays `running`)."""
+    spec, started = parse_spec(TINY, "tiny"), []
+
+    def stop_in_the_third_run(config, attempt):
+        started.append(config.name)
+        return KeyboardInterrupt("killed") if len(started) == 3 else None
+
+    calls = stub_training(monkeypatch, stop_in_the_third_run)
+    runner = StudyRunner(spec, tmp_path / "study")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run()
+    finally:
+        runner.close()
+    statuses = {r["run_id"]: r["status"] for r in runs_in(tmp_path / "study")}
+    assert sorted(statuses.values()) == ["done", "done"] + ["pending"] * 5 + ["running"]
+    runner = StudyRunner(spec, tmp_path / "study")  # run again, as after a restart
+    try:
+        runs = runner.run()
+    finally:
+        runner.close()
+    assert len(runs) == 8 and all(r["status"] == "done" and r["summary"] for r in runs)
+    assert {r["run_id"]: r["attempts"] for r in runs} == {
+        run_id: 2 if status == "running" else 1 for run_id, status in statuses.items()}
+    assert sorted(calls.values()) == [1] * 7 + [2], "only the interrupted run ran again"
+
+
+@pytest.mark.slow
 def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_path):
+    """A real study process killed (SIGKILL) in its third run; run again, the killed run resumes its own record."""
     slow = TINY.replace("epochs = 1", "epochs = 3").replace("synthetic:n=300", "synthetic:n=800")
-    spec_file = write(tmp_path, slow)
+    spec_file = write_study(tmp_path, slow.replace("replicates = 2", "replicates = 1"))
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "distcnn", "study", str(spec_file), "--out", str(out), "--no-report"]
     study = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -135,11 +153,11 @@ def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_pa
     resumed = run_cli("study", str(spec_file), "--out", str(out), "--no-report", timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     runs = runs_in(out)
-    assert len(runs) == 8 and len({r["run_id"] for r in runs}) == 8
+    assert len(runs) == 4 and len({r["run_id"] for r in runs}) == 4
     assert all(r["status"] == "done" and r["summary"] for r in runs)
     attempts = {r["run_id"]: r["attempts"] for r in runs}
     assert all(attempts[run_id] == 2 for run_id in interrupted)
-    assert sum(attempts.values()) == 8 + len(interrupted), "finished runs were not run again"
+    assert sum(attempts.values()) == 4 + len(interrupted), "finished runs were not run again"
     for run in runs:  # each run record holds one finished run, with one row per epoch
         epochs = (out / "runs" / run["run_id"] / "epochs.csv").read_text().splitlines()
         assert len(epochs) == 1 + 3
@@ -147,27 +165,24 @@ def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_pa
 
 def test_a_failing_run_is_retried_then_recorded_as_failed_and_the_study_goes_on(tmp_path, monkeypatch):
     spec = parse_spec(TINY, "flaky")
-    real_run = runner_module.train.run
-    calls = {}
 
-    def flaky_run(config):
-        calls[config.name] = calls.get(config.name, 0) + 1
-        if config.policy == "flip-crop" and config.width == 0.5:
-            raise WorkersFailed(1, "rank 1 failed with exit code 1")
-        if config.policy == "none" and config.width == 1.0 and calls[config.name] == 1:
-            raise WorkersFailed(1, "rank 0 failed with exit code -9")
-        return real_run(config)
+    def flaky(config, attempt):
+        if config.policy == "flip-crop" and config.model == "lenet":
+            return WorkersFailed(1, "rank 1 failed with exit code 1")
+        if config.policy == "none" and config.model == "simplecnn" and attempt == 1:
+            return WorkersFailed(1, "rank 0 failed with exit code -9")
+        return None
 
-    monkeypatch.setattr(runner_module.train, "run", flaky_run)
+    stub_training(monkeypatch, flaky)
     runner = StudyRunner(spec, tmp_path / "flaky", retries=1)
     try:
         runs = {r["run_id"]: r for r in runner.run()}
     finally:
         runner.close()
     failed = [r for r in runs.values() if r["status"] == "failed"]
-    assert all(r["levels"] == {"policy": "flip-crop", "width": 0.5} for r in failed) and len(failed) == 2
+    assert all(r["levels"] == {"policy": "flip-crop", "model": "lenet"} for r in failed) and len(failed) == 2
     assert all(r["attempts"] == 2 and "exit code 1" in r["error"] for r in failed)
     done = [r for r in runs.values() if r["status"] == "done"]
     assert len(done) == 6
-    retried = [r for r in done if r["levels"] == {"policy": "none", "width": 1.0}]
+    retried = [r for r in done if r["levels"] == {"policy": "none", "model": "simplecnn"}]
     assert all(r["attempts"] == 2 for r in retried) and len(retried) == 2

@@ -9,7 +9,9 @@ import csv
 import pytest
 
 from distcnn.config import make_config
-from distcnn.train import Trainer, run
+from distcnn.launch import run
+from distcnn.trainer import Trainer
+from helpers import interrupted_run
 
 EPOCHS = 5
 
@@ -78,17 +80,7 @@ def test_without_a_target_the_fields_are_null(tmp_path, scripted):
 
 def test_a_resumed_run_keeps_its_time_to_target(tmp_path, scripted, monkeypatch):
     scripted([0.30, 0.85, 0.90, 0.90, 0.90])
-    original = Trainer._train_epoch
-
-    def crash_in_fourth_epoch(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_fourth_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(config(tmp_path, target_accuracy=0.8))
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    interrupted_run(monkeypatch, config(tmp_path, target_accuracy=0.8), epoch=3)  # in the fourth epoch
     scripted([0.95, 0.95])  # the resumed epochs 4 and 5: above the target, which was already met at 2
     summary = run(config(tmp_path, target_accuracy=0.8, resume=True))
     rows = epochs_csv(tmp_path / "run")

@@ -7,11 +7,10 @@ import csv
 import pytest
 import torch
 
-from conftest import read_summary
 from distcnn.config import make_config
 from distcnn.errors import UsageError
-from distcnn.train import Trainer, run
-from helpers import make_imagefolder
+from distcnn.launch import run
+from helpers import interrupted_run, make_imagefolder, read_summary
 
 SUMMARY_FIELDS = {"test_accuracy", "best_val_accuracy", "epochs_run", "train_seconds", "images_per_second",
                   "params", "train_flops_per_image"}
@@ -23,6 +22,7 @@ def config(tmp_path, **options):
     return make_config(base | options)
 
 
+@pytest.mark.slow
 def test_learns_and_writes_the_run_record(tmp_path):
     summary = run(config(tmp_path))
     run_dir = tmp_path / "run"
@@ -39,6 +39,7 @@ def test_learns_and_writes_the_run_record(tmp_path):
         assert (run_dir / name).exists(), name
 
 
+@pytest.mark.slow
 def test_per_sample_backend_with_workers_learns(tmp_path):
     summary = run(config(tmp_path, policy="flip-crop", aug_backend="per-sample", workers=1, epochs=2))
     assert summary["test_accuracy"] > 0.3
@@ -50,23 +51,14 @@ def test_imagefolder_of_pngs_trains_well_above_chance(tmp_path):
     assert summary["test_accuracy"] > 0.7, "3 classes: chance is 0.33"
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
     whole = run(config(tmp_path, out=str(tmp_path / "whole")))
 
-    original = Trainer._train_epoch
-
-    def crash_in_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(config(tmp_path, out=str(tmp_path / "cut")))
+    interrupted_run(monkeypatch, config(tmp_path, out=str(tmp_path / "cut")), epoch=1)  # in the second epoch
     assert not (tmp_path / "cut" / "summary.json").exists()
     with pytest.raises(UsageError, match="--resume"):
         run(config(tmp_path, out=str(tmp_path / "cut")))
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
     resumed = run(config(tmp_path, out=str(tmp_path / "cut"), resume=True))
 
     assert resumed["resumed_at_epochs"] == [1]
@@ -88,12 +80,14 @@ def test_a_finished_run_is_never_rerun(tmp_path):
         run(config(tmp_path, epochs=1))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
     summary = run(config(tmp_path, epochs=6, patience=1, lr=1e-9, schedule="cosine"))
     assert summary["stopped_early"] is True
     assert summary["epochs_run"] < 6
 
 
+@pytest.mark.slow
 def test_mixup_cutmix_and_label_smoothing_train_with_soft_targets(tmp_path):
     summary = run(config(tmp_path, epochs=2, policy="trivialaugment", mixup=0.2, cutmix=1.0, label_smoothing=0.1))
     assert summary["test_accuracy"] > 0.3
