@@ -131,11 +131,12 @@ def write_study(folder: Path, text: str = TINY_STUDY) -> Path:
 
 
 def run_study(folder: Path, text: str = TINY_STUDY) -> Path:
-    """Write a study file into `folder` and run it through the CLI, for real, without its report; the study
-    directory."""
+    """Write a study file into `folder` and run it through the CLI (in this process: its runs have one rank),
+    for real, without its report; the study directory."""
+    from distcnn.cli import main
+
     out = Path(folder) / "out"
-    result = run_cli("study", str(write_study(folder, text)), "--out", str(out), "--no-report")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["study", str(write_study(folder, text)), "--out", str(out), "--no-report"]) == 0
     return out
 
 

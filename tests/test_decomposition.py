@@ -91,7 +91,7 @@ def test_the_dense_aggregator_learns_what_mean_and_vote_cannot():
 
 import json  # noqa: E402
 
-from helpers import read_summary, run_cli, usage_error  # noqa: E402
+from helpers import cli, read_summary, run_cli, usage_error  # noqa: E402
 
 DD = ("train", "--strategy", "dd", "--data", "synthetic:n=600", "--epochs", "2", "--batch-size", "32",
       "--sample-interval", "0.1")
@@ -123,13 +123,13 @@ def test_independent_local_cnns_exchange_no_gradient_bytes_and_every_aggregator_
 
 
 @pytest.mark.slow
-def test_coherent_and_transfer_train_the_whole_cnn_dnn(independent_run, tmp_path):
-    out, _ = independent_run
-    coherent = run_cli(*DD, "--grid", "2x2", "--dd-mode", "coherent", "--out", str(tmp_path / "c"))
-    assert coherent.returncode == 0, coherent.stderr
-    transfer = run_cli(*DD, "--grid", "2x2", "--dd-mode", "transfer", "--init-from", str(out),
-                       "--out", str(tmp_path / "t"))
-    assert transfer.returncode == 0, transfer.stderr
+def test_coherent_and_transfer_train_the_whole_cnn_dnn(independent_run, tmp_path, capsys):
+    out, _ = independent_run  # one rank each: in this process
+    code, _, err = cli(capsys, *DD, "--grid", "2x2", "--dd-mode", "coherent", "--out", tmp_path / "c")
+    assert code == 0, err
+    code, _, err = cli(capsys, *DD, "--grid", "2x2", "--dd-mode", "transfer", "--init-from", out,
+                       "--out", tmp_path / "t")
+    assert code == 0, err
     for name in ("c", "t"):
         summary = read_summary(tmp_path / name)
         assert set(summary["aggregators"]) == {"dnn"} and len(summary["local_params"]) == 4
@@ -138,9 +138,9 @@ def test_coherent_and_transfer_train_the_whole_cnn_dnn(independent_run, tmp_path
 
 
 @pytest.mark.slow
-def test_transfer_without_a_starting_run_trains_both_phases_in_one_command(tmp_path):
-    result = run_cli(*DD, "--grid", "1x2", "--dd-mode", "transfer", "--out", str(tmp_path / "both"))
-    assert result.returncode == 0, result.stderr
+def test_transfer_without_a_starting_run_trains_both_phases_in_one_command(tmp_path, capsys):
+    code, _, err = cli(capsys, *DD, "--grid", "1x2", "--dd-mode", "transfer", "--out", tmp_path / "both")
+    assert code == 0, err
     first = read_summary(tmp_path / "both" / "independent")
     summary = read_summary(tmp_path / "both")
     assert first["dd_mode"] == "independent" and len(first["local_test_accuracy"]) == 2
