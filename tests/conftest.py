@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_study, written_report
+from helpers import TWO_RANKS, read_summary, run_cli, run_study, written_report
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +11,16 @@ def tiny_study(tmp_path_factory):
     """One real 2^2 x 2 study (helpers.TINY_STUDY: policy x model, one epoch each) run through the CLI, shared
     by the study and report tests. Read it, never change it: copy it first (helpers.copy_study)."""
     return run_study(tmp_path_factory.mktemp("tiny-study"))
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory):
+    """One real 2-rank gloo run through torchrun (allreduce hook, simplecnn), shared by the DDP and accounting
+    tests: (run directory, summary). Read it, never change it."""
+    out = tmp_path_factory.mktemp("two-ranks") / "allreduce"
+    result = run_cli("train", *TWO_RANKS, "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, read_summary(out)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,15 @@ import json
 import pytest
 import torch
 
-from helpers import read_summary, run_cli
 from distcnn.config import make_config
+from distcnn.launch import run
 from distcnn.models import create_model
 from distcnn.telemetry.counters import Rapl
 from distcnn.telemetry.sampler import read_rows
-from distcnn.launch import run
+from helpers import TWO_RANKS, read_summary, run_cli
 
 RESOURCE_FIELDS = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "rss_peak_bytes",
                    "net_packets_per_s_mean", "net_bytes_total", "achieved_flops_per_s")
-TWO_RANKS = ("--data", "synthetic:n=700", "--nproc-per-node", "2", "--epochs", "2", "--batch-size", "32",
-             "--sample-interval", "0.1", "--seed", "1")
 
 
 def gradient_bytes_of_simplecnn() -> int:
@@ -39,10 +37,9 @@ def two_rank_run(out, *args):
     return read_summary(out)
 
 
-@pytest.fixture(scope="module")
-def allreduce_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accounting") / "allreduce"
-    return out, two_rank_run(out)
+@pytest.fixture
+def allreduce_run(two_rank_run):
+    return two_rank_run
 
 
 @pytest.mark.slow

@@ -18,9 +18,8 @@ def train(tmp_path, name, *args):
     return out
 
 
-def test_two_rank_gloo_run_learns_and_records_its_world(tmp_path):
-    out = train(tmp_path, "ddp", "--nproc-per-node", "2", "--epochs", "2", "--batch-size", "32")
-    summary = read_summary(out)
+def test_two_rank_gloo_run_learns_and_records_its_world(two_rank_run):
+    out, summary = two_rank_run
     assert summary["world_size"] == 2
     assert summary["test_accuracy"] > 0.3, "10 classes: chance is 0.1"
     environment = (out / "environment.json").read_text()
