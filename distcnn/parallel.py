@@ -215,7 +215,6 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
     address: the real multi-node code path, over the emulated network."""
     import secrets
     import signal
-    import subprocess
     import sys
     import time
 
@@ -251,13 +250,33 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
             if agent.poll() is None:
                 agent.send_signal(signal.SIGTERM)
         for _, agent in agents:
-            try:
-                agent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+            stop_agent(agent)
     failed = first_failure or next(((host, agent.returncode) for host, agent in agents if agent.returncode != 0),
                                    None)  # the agents the loop stopped, or one that failed as the last exited
     if failed:
         host, code = failed
         raise WorkersFailed(code, f"the node agent on {host.name} failed with exit code {code}")
+
+
+def stop_agent(agent, grace: float = 30.0, idle_grace: float = 3.0) -> None:
+    """Wait for a node agent that was sent SIGTERM, then kill it. An agent with workers gets `grace` seconds to
+    stop them; one whose workers are gone has nothing left to clean up (it waits in torchrun's exit barrier for
+    the agent that died, a wait no signal interrupts) and is killed after `idle_grace`."""
+    import time
+
+    import psutil
+
+    deadline, idle_since = time.monotonic() + grace, None
+    while agent.poll() is None and time.monotonic() < deadline:
+        try:
+            working = any("distcnn.worker" in " ".join(child.cmdline())
+                          for child in psutil.Process(agent.pid).children(recursive=True))
+        except psutil.Error:  # it exited while we looked
+            working = False
+        idle_since = None if working else (idle_since or time.monotonic())
+        if idle_since is not None and time.monotonic() - idle_since >= idle_grace:
+            break
+        time.sleep(0.2)
+    if agent.poll() is None:
+        agent.kill()
+    agent.wait()

@@ -187,7 +187,7 @@ def test_a_study_on_the_emulated_cluster_refuses_before_its_first_run_when_no_cl
 
 @needs_root
 @pytest.mark.slow
-def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_a_minute(tmp_path, cluster_down):
+def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_40_seconds(tmp_path, cluster_down):
     """The launcher watches every agent: one killed on host 2 ends the job (not the rendezvous's 5-minute wait)."""
     import time
 
@@ -214,5 +214,5 @@ def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_a_minute(tmp_pa
     killed_at = time.monotonic()
     _, stderr = job.communicate(timeout=240)
     assert job.returncode == 1
-    assert time.monotonic() - killed_at < 60
+    assert time.monotonic() - killed_at < 40, "15 s for the others to stop, a few to stop their idle agents"
     assert "the node agent on distcnn-h2 failed" in stderr
