@@ -45,7 +45,8 @@ from distcnn.data import load_data
 from distcnn.models import create_model
 from distcnn.speed import missing_toolchain
 from distcnn.telemetry.counters import Nvml
-from distcnn.telemetry.sampler import read_rows, time_weighted_mean
+from distcnn.record import read_rows
+from distcnn.telemetry.sampler import time_weighted_mean
 from distcnn.telemetry.steps import PHASES
 from distcnn.launch import run
 

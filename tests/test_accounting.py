@@ -13,7 +13,7 @@ from distcnn.config import make_config
 from distcnn.launch import run
 from distcnn.models import create_model
 from distcnn.telemetry.counters import Rapl
-from distcnn.telemetry.sampler import read_rows
+from distcnn.record import read_rows
 from helpers import TWO_RANKS, read_summary, run_cli
 
 RESOURCE_FIELDS = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "rss_peak_bytes",

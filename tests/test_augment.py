@@ -15,7 +15,7 @@ from distcnn.augment import (
     BACKENDS, KINDS, POLICIES, Affine, BatchedAugment, BatchMix, Op, PerSampleAugment, Policy, build_augment,
     build_batch_mix, each, get_policy, sample_draws, strength,
 )
-from distcnn.augment import _warp
+from distcnn.augment.batched import _warp
 from distcnn.errors import UsageError
 
 RANDOM_POLICIES = tuple(name for name in POLICIES if name != "none")  # from the registry: new ones are tested

@@ -10,7 +10,8 @@ import torch
 
 from distcnn.telemetry.counters import run_interfaces
 from distcnn.telemetry.resources import combine_ranks
-from distcnn.telemetry.sampler import ResourceSampler, read_rows
+from distcnn.record import read_rows
+from distcnn.telemetry.sampler import ResourceSampler
 from distcnn.telemetry.steps import PHASES, StepTimer, epoch_figures, run_breakdown
 
 

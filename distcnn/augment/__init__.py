@@ -20,7 +20,7 @@ Nothing inside the package imports this module.
 
 from __future__ import annotations
 
-from distcnn.augment.batched import BatchedAugment, _warp  # _warp: not public, checked by the tests
+from distcnn.augment.batched import BatchedAugment
 from distcnn.augment.mix import BatchMix, build_batch_mix
 from distcnn.augment.ops import KINDS, Affine, Kind, strength
 from distcnn.augment.per_sample import PerSampleAugment
