@@ -27,11 +27,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 import torch
 from PIL import Image
 
+from distcnn.console import say
 from distcnn.data.splits import Pool
 from distcnn.errors import UsageError, nearest
 
@@ -67,52 +69,104 @@ def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
 # ---------------------------------------------------------------------------------------------- scanning
 
 
-def visible_subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def cannot_scan(path: Path | str, err: OSError) -> UsageError:
+    return UsageError(f"imagefolder: cannot read {path} ({err.strerror or one_line(err)}); fix or remove it")
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (any depth), sorted, hidden files and folders skipped."""
-    found = []
-    for current, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            Path(current) / name
-            for name in sorted(names)
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return found
+def broken_link(path: str, err: OSError) -> UsageError:
+    why = "the file it points to does not exist" if isinstance(err, FileNotFoundError) else err.strerror
+    return UsageError(f"imagefolder: broken link {path} -> {os.readlink(path)} ({why}); fix the link or remove it")
 
 
-def class_folders(folder: Path, shown: str) -> dict[str, list[Path]]:
-    """Class name → its image files; UsageError for no class folders or an empty one."""
-    subfolders = visible_subfolders(folder)
+def note(message: str) -> None:
+    """One line from the first rank only: every rank scans the folder, the reader needs to hear it once."""
+    if os.environ.get("RANK", "0") == "0":
+        say(message)
+
+
+def listing(folder: Path) -> tuple[list, list]:
+    """(subfolders, image files) of one folder with their stats (links followed), by name, hidden names skipped."""
+    try:
+        with os.scandir(folder) as scan_it:
+            entries = sorted((e for e in scan_it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as err:
+        raise cannot_scan(folder, err) from None
+    subfolders, images = [], []
+    for entry in entries:
+        image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        try:
+            stat = entry.stat()
+        except OSError as err:
+            if not entry.is_symlink():
+                raise cannot_scan(entry.path, err) from None
+            if image:
+                raise broken_link(entry.path, err) from None
+            continue  # a broken link to something other than an image: no image is lost
+        if S_ISDIR(stat.st_mode):
+            subfolders.append((Path(entry.path), stat))
+        elif image and S_ISREG(stat.st_mode):
+            images.append((Path(entry.path), stat))
+    return subfolders, images
+
+
+class Walk:
+    """One scan of a tree. Links are followed, but each real folder and each real file (device, inode) is taken
+    once: a link back up the tree would repeat the whole tree without end, and a second link to a folder or an
+    image would put the same image in two places, train and test among them."""
+
+    def __init__(self) -> None:
+        self.folders: dict[tuple[int, int], Path] = {}
+        self.files: dict[tuple[int, int], Path] = {}
+        self.repeats: list[tuple[Path, Path]] = []  # (a path not taken, the path its image was taken by)
+
+    def enter(self, folder: Path, stat: os.stat_result) -> Path | None:
+        """None the first time a real folder is entered; later, the path it was first entered by."""
+        first = self.folders.setdefault((stat.st_dev, stat.st_ino), folder)
+        return None if first is folder else first
+
+    def images(self, folder: Path) -> list[Path]:
+        """The image files below an entered folder, at any depth, in os.walk's top-down order."""
+        found, stack = [], [folder]
+        while stack:
+            subfolders, images = listing(stack.pop())
+            for path, stat in images:
+                first = self.files.setdefault((stat.st_dev, stat.st_ino), path)
+                found.append(path) if first is path else self.repeats.append((path, first))
+            stack += reversed([path for path, stat in subfolders if self.enter(path, stat) is None])
+        return found
+
+
+def class_folders(walk: Walk, folder: Path, held_out: bool) -> dict[str, list[Path]]:
+    """Class name → its image files; UsageError for no class folders or an empty one (allowed when held out)."""
+    subfolders, loose = listing(folder)
     if not subfolders:
-        loose = len(image_files(folder))
-        found = f"found {loose} images but no class folders" if loose else "no class folders"
-        raise UsageError(
-            f"{found} in {shown}; imagefolder:PATH needs one subfolder per class "
-            "(or train/ val/ test/ subfolders, each with one subfolder per class)"
-        )
+        found = f"found {len(loose)} images but no class folders" if loose else "no class folders"
+        raise UsageError(f"{found} in {folder}; imagefolder:PATH needs one subfolder per class "
+                         "(or train/ val/ test/ subfolders, each with one subfolder per class)")
     classes = {}
-    for sub in subfolders:
-        if not (files := image_files(sub)):
-            raise UsageError(
-                f"class folder {sub} has no images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove it"
-            )
-        classes[sub.name] = files
+    for sub, stat in subfolders:
+        if (first := walk.enter(sub, stat)) is not None:
+            raise UsageError(f"class folder {sub} is the same folder as {first} (a link leads there); "
+                             "keep one, so that each image has one class and one split")
+        classes[sub.name] = files = walk.images(sub)
+        if not files and not held_out:
+            raise UsageError(f"class folder {sub} has no images ({' '.join(IMAGE_EXTENSIONS)}); add some or remove it")
+    if held_out and not any(classes.values()):
+        raise UsageError(f"{folder} has class folders but no images; add images or remove it")
     return classes
 
 
-def split_folders(root: Path) -> dict[str, Path]:
+def split_folders(walk: Walk, root: Path) -> dict[str, Path]:
     """The split folders of ``root`` by role ("train", "val", "test"); empty when it has none."""
     found: dict[str, Path] = {}
-    for sub in visible_subfolders(root):
+    for sub, stat in listing(root)[0]:
         role = SPLIT_FOLDERS.get(sub.name.lower())
         if role is None:
             continue
         if role in found:
             raise UsageError(f"{root} has two {role} folders ({found[role].name}/ and {sub.name}/); keep one")
+        if (first := walk.enter(sub, stat)) is not None:
+            raise UsageError(f"{sub} is the same folder as {first} (a link leads there); give each split its own")
         found[role] = sub
     if found and "train" not in found:
         names = ", ".join(f"{p.name}/" for p in found.values())
@@ -122,14 +176,21 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 def scan(root: Path) -> Folder:
     """Find classes and files, checking the layout; decodes nothing."""
-    if not root.exists():
-        raise UsageError(f"imagefolder path {root} does not exist")
-    if not root.is_dir():
+    try:
+        stat = root.stat()
+    except FileNotFoundError:
+        raise UsageError(f"imagefolder path {root} does not exist") from None
+    except OSError as err:
+        raise cannot_scan(root, err) from None
+    if not S_ISDIR(stat.st_mode):
         raise UsageError(f"imagefolder path {root} is not a directory; give a folder with one subfolder per class")
-    splits = split_folders(root)
-    per_part = {role: class_folders(folder, str(folder)) for role, folder in splits.items()}
+    walk = Walk()
+    walk.enter(root, stat)
+    splits = split_folders(walk, root)
+    order = [role for role in ("train", "val", "test") if role in splits]  # train first: it keeps a repeat
+    per_part = {role: class_folders(walk, splits[role], role != "train") for role in order}
     if not per_part:
-        per_part = {"train": class_folders(root, str(root))}
+        per_part = {"train": class_folders(walk, root, held_out=False)}
 
     classes = sorted(per_part["train"])
     if len(classes) < 2:
@@ -138,17 +199,17 @@ def scan(root: Path) -> Folder:
     for role in ("val", "test"):
         for name in per_part.get(role, {}):
             if name not in classes:
-                raise UsageError(
-                    f"class folder {splits[role] / name} has no counterpart in {splits['train']}"
-                    f"{nearest(name, classes)}; rename it or remove it"
-                )
+                raise UsageError(f"class folder {splits[role] / name} has no counterpart in {splits['train']}"
+                                 f"{nearest(name, classes)}; rename it or remove it")
+        if missing := [name for name in classes if role in per_part and not per_part[role].get(name)]:
+            note(f"warning: imagefolder: {splits[role]} has no images of class {', '.join(missing)}; "
+                 f"the {role} accuracy says nothing about {'them' if len(missing) > 1 else 'it'}")
+    if walk.repeats:
+        note(f"imagefolder: {len(walk.repeats)} image(s) reached by a second path were taken once "
+             "(e.g. {} is the same file as {})".format(*walk.repeats[0]))
 
-    files: list[Path] = []
-    labels: list[int] = []
-    parts = {}
-    for role in ("train", "val", "test"):
-        if role not in per_part:
-            continue
+    files, labels, parts = [], [], {}
+    for role in per_part:
         start = len(files)
         for label, name in enumerate(classes):
             members = per_part[role].get(name, [])
@@ -251,7 +312,10 @@ def content_key(files: Sequence[Path], image_size: int | None) -> str:
     """Changes whenever a file is added, removed, renamed or modified, or another size is asked for."""
     digest = hashlib.sha256(f"{CACHE_VERSION}\0{image_size or 'auto'}\n".encode())
     for path in files:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as err:  # gone or changed since the scan
+            raise unreadable(path, err) from None
         digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
