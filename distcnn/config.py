@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distcnn.errors import UsageError, nearest
 
@@ -26,6 +26,25 @@ NO_CAP = ("none", "uncapped")
 RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$", re.IGNORECASE)
 DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
 UNIT_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+# Run and study names become folder names: a name, never a path (`--out` is the only way to choose a folder).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+NAME_LENGTH = 100
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` if it is a safe folder name; otherwise a ValueError saying what is allowed."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name or len(name) > NAME_LENGTH:
+        raise ValueError(f"{what} must be a name, not a path: up to {NAME_LENGTH} letters, digits and . _ + -, "
+                         "starting with a letter or digit, without '..' (choose folders with --out)")
+    return name
+
+
+def slug(text: str) -> str:
+    """A safe folder name made from any text (a timm name like 'hf-hub:org/model' included)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._-+")
+    return re.sub(r"\.{2,}", ".", cleaned)[:NAME_LENGTH] or "run"
 
 
 def parse_bandwidth(text: str | None) -> float | None:
@@ -76,7 +95,8 @@ class TrainConfig(BaseModel):
     epochs: int = Field(2, ge=1, description="number of epochs")
     batch_size: int = Field(128, ge=1, description="images per step per rank (global batch = this × world size)")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="sgd (with momentum) or adamw")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: sgd 0.05, adamw 2e-3)")
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False,
+                             description="peak learning rate (default: sgd 0.05, adamw 2e-3)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (default: sgd 5e-4, adamw 0.05)")
     schedule: Literal["onecycle", "cosine"] = Field("onecycle", description="learning-rate schedule over all steps")
@@ -92,6 +112,8 @@ class TrainConfig(BaseModel):
     rdzv_id: str = Field("distcnn", description="rendezvous id shared by all machines of one job")
     max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
     threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
+    oversubscribe: bool = Field(False, description="start more ranks than this machine has cores (CPU), which "
+                                "is otherwise refused")
     cluster: Literal["none", "emulated"] = Field(
         "none", description="emulated: one torchrun node agent per host of `distcnn cluster up` (needs root)")
     bandwidth: str | None = Field(None, description="emulated cluster: cap every link at this rate for the run, "
@@ -139,9 +161,16 @@ class TrainConfig(BaseModel):
         "allreduce", description="DDP gradient communication hook (torch's own)")
     powersgd_rank: int = Field(1, ge=1, description="matrix approximation rank of the powersgd hook")
     # record
-    name: str | None = Field(None, description="run name (default: model-policy)")
+    name: str | None = Field(None, description="run name: letters, digits and . _ + - (default: model-policy)")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<name>)")
     resume: bool = Field(False, description="continue the run in --out from its last checkpoint")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            check_name(name, "the run name")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -185,7 +214,7 @@ class TrainConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.model}-{self.policy}"
+        return self.name or slug(f"{self.model}-{self.policy}")
 
     def threads_per_rank(self, local_ranks: int | None = None, gpu: bool = False) -> int:
         """Cores shared evenly by the ranks of one machine, or ranks fight for cores. A rank that trains on a

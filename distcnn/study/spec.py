@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from distcnn.config import TrainConfig, flag, make_config
+from distcnn.config import TrainConfig, check_name, flag, make_config, slug
 from distcnn.errors import UsageError, nearest
 from distcnn.study.store import KNOWN_RESPONSES, is_known_response
 
@@ -66,9 +66,28 @@ def load_spec(path: str | Path | None) -> StudySpec:
     if path is None:
         return parse_spec(default_study_text(), "default")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UsageError(f"study file {path} is a directory; give a .toml file")
+    if not path.exists():
         raise UsageError(f"study file {path} does not exist")
-    return parse_spec(path.read_text(encoding="utf-8"), path.stem)
+    if not path.is_file():
+        raise UsageError(f"study file {path} is not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"study file {path} is not UTF-8 text "
+                         f"(byte 0x{error.object[error.start]:02x} at position {error.start})") from None
+    except OSError as error:
+        raise UsageError(f"study file {path} cannot be read: {error.strerror or error}") from None
+    return parse_spec(text, default_name(path), source=f"study file {path}")
+
+
+def default_name(path: Path) -> str:
+    """A study without [study] name is named after its file; a stem that is no safe name becomes one."""
+    try:
+        return check_name(path.stem, "the file name")
+    except ValueError:
+        return slug(path.stem)
 
 
 def _option_name(key: str, where: str) -> str:
@@ -83,11 +102,12 @@ def _option_name(key: str, where: str) -> str:
     return name
 
 
-def parse_spec(text: str, default_name: str) -> StudySpec:
+def parse_spec(text: str, default_name: str, source: str = "the study") -> StudySpec:
+    """`source` names where `text` came from in an error line (`study file X`)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"study file is not valid TOML: {error}") from None
+        raise UsageError(f"{source} is not valid TOML: {error}") from None
     for section in document:
         if section not in SECTIONS:
             raise UsageError(f"unknown section [{section}]{nearest(section, SECTIONS)} (allowed: {', '.join(SECTIONS)})")
@@ -113,7 +133,7 @@ def parse_spec(text: str, default_name: str) -> StudySpec:
         if key not in STUDY_KEYS:
             raise UsageError(f"[study]: unknown key {key!r}{nearest(key, STUDY_KEYS)} (allowed: {', '.join(STUDY_KEYS)})")
     spec = StudySpec(
-        name=str(study.get("name", default_name)),
+        name=_name(study.get("name", default_name), source),
         base=base,
         factors=factors,
         replicates=_positive_int(study.get("replicates", 1), "replicates"),
@@ -129,6 +149,16 @@ def parse_spec(text: str, default_name: str) -> StudySpec:
     for levels in spec.configurations():  # every option value checked before anything runs
         make_config(spec.base | levels)
     return spec
+
+
+def _name(value, source: str) -> str:
+    """The study's folder is runs/study-<name> by default: a name, never a path."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # name = 2024
+    try:
+        return check_name(value, "[study] name")
+    except ValueError as error:
+        raise UsageError(f"{source}: {error} (got {value!r})") from None
 
 
 def _int(value, key: str) -> int:
