@@ -7,17 +7,27 @@ Launching is torchrun's own launcher (torch.distributed.run), with distcnn's wor
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import signal
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distcnn.config import TrainConfig
+from distcnn.config import TrainConfig, available_cores
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.record import HOST_ENV, host_name
+
+LOOPBACK = "127.0.0.1"
+# What a CPU rank holds before its model and data matter: the private memory (USS) of a rank of the smallest
+# 2-rank run peaked at 0.48-0.49 GiB, an idle `import torch` process holds 0.42-0.49 GiB (torch 2.14, Linux).
+# A lower bound: a real model and its data add to it.
+RANK_MEMORY = 450 * 2**20
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,32 @@ def check_gpus(config: TrainConfig) -> None:
                          f"{shown}: distcnn runs one rank per GPU; use --nproc-per-node {gpus}"
                          f"{' with fewer emulated hosts' if config.cluster == 'emulated' else ''}, "
                          "or --device cpu")
+
+
+def check_ranks(config: TrainConfig) -> None:
+    """More ranks than this machine can hold are refused before anything starts (64 CPU ranks on 2 cores ran
+    into the OOM killer after minutes): more CPU ranks than cores, or more ranks than its free memory holds at
+    RANK_MEMORY each. --oversubscribe starts them anyway."""
+    if config.oversubscribe:
+        return
+    ranks, emulated = local_ranks(config), config.cluster == "emulated"
+
+    def way_out(limit: int) -> str:
+        fewer = (f"at most {limit} ranks in all (hosts × --nproc-per-node)" if emulated
+                 else f"--nproc-per-node {limit}")
+        return f"use {fewer}, or --oversubscribe to start them anyway"
+
+    cores = available_cores()
+    if device_type(config.device) == "cpu" and ranks > cores:
+        raise UsageError(f"{ranks} CPU ranks on this machine but {cores} core{'s' if cores != 1 else ''}: they "
+                         f"would fight for cores and memory; {way_out(cores)}")
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if ranks * RANK_MEMORY > available:
+        raise UsageError(f"{ranks} ranks need at least {ranks * RANK_MEMORY / 2**30:.1f} GiB (an estimate: "
+                         f"{RANK_MEMORY / 2**30:.2f} GiB per rank before its model and data) but this machine has "
+                         f"{available / 2**30:.1f} GiB available; {way_out(max(1, available // RANK_MEMORY))}")
 
 
 def setup(config: TrainConfig) -> Ranks:
@@ -174,24 +210,23 @@ def torchrun_args(config: TrainConfig, run_dir: Path, local_addr: str | None = N
                   rdzv_conf: str | None = None) -> list[str]:
     """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine.
 
-    `local_addr`: the address the other nodes reach this one at (torchrun otherwise publishes the host name);
-    `rdzv_conf`: torchrun's --rdzv-conf, e.g. is_host=1 for the node that serves the c10d store."""
+    `local_addr`: the address the other nodes reach this one at (default: this machine's address on the way to
+    the rendezvous endpoint; torchrun would publish the host name); `rdzv_conf`: torchrun's --rdzv-conf, e.g.
+    is_host=1 for the node that serves the c10d store. One machine without an endpoint meets on loopback: the
+    c10d rendezvous of --standalone, at 127.0.0.1 instead of localhost on every interface."""
     args = [f"--nproc-per-node={config.nproc_per_node}", f"--max-restarts={config.max_restarts}"]
+    endpoint, backend = config.rdzv_endpoint, config.rdzv_backend
+    if config.nnodes == 1 and not endpoint:
+        endpoint, backend, local_addr = f"{LOOPBACK}:0", "c10d", local_addr or LOOPBACK
+    local_addr = local_addr or route_address(endpoint.rsplit(":", 1)[0].strip("[]"), config.nnodes > 1)
     if local_addr:
         args.append(f"--local-addr={local_addr}")
     if rdzv_conf:
         args.append(f"--rdzv-conf={rdzv_conf}")
-    if config.nnodes == 1 and not config.rdzv_endpoint:
-        args.append("--standalone")
-    else:
-        args += [
-            f"--nnodes={config.nnodes}",
-            f"--rdzv-backend={config.rdzv_backend}",
-            f"--rdzv-endpoint={config.rdzv_endpoint}",
-            f"--rdzv-id={config.rdzv_id}",
-        ]
-        if config.node_rank is not None:
-            args.append(f"--node-rank={config.node_rank}")
+    args += [f"--nnodes={config.nnodes}", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}",
+             f"--rdzv-id={config.rdzv_id}"]
+    if config.node_rank is not None:
+        args.append(f"--node-rank={config.node_rank}")
     return args + ["--module", "distcnn.worker", str(run_dir)]
 
 
@@ -204,10 +239,120 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
-        run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf)))
+        with own_addresses_only(one_machine=config.nnodes == 1):
+            run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf)))
     except ChildFailedError as error:
-        rank, failure = min(error.failures.items())
-        raise WorkersFailed(failure.exitcode, f"rank {rank} failed with exit code {failure.exitcode}") from None
+        raise workers_failed(error.failures, run_dir) from None
+
+
+def workers_failed(failures: dict, run_dir: Path) -> WorkersFailed:
+    """The rank that failed first, how, and how to go on. torchrun stamps a failure when it notices it (to the
+    second) and lists the ranks it saw fail before those it then stopped (SIGTERM); of ranks seen failing at
+    once, a signal (a kill, a crash) comes before an exit code (often a rank that lost its peer)."""
+    order = list(failures.items())
+    rank, first = order[min(range(len(order)), key=lambda i: (
+        order[i][1].timestamp, order[i][1].exitcode == -signal.SIGTERM, order[i][1].exitcode >= 0, i))]
+
+    def how(failure) -> str:
+        if failure.exitcode >= 0:
+            return f"exit code {failure.exitcode}"
+        if failure.exitcode == -signal.SIGTERM and failure is not first:
+            return "stopped by the launcher"
+        return f"killed by {failure.signal_name()}"
+
+    groups: dict[str, list[int]] = {}  # the other ranks by how they ended, a few named each
+    for other, failure in sorted(failures.items()):
+        if other != rank:
+            groups.setdefault(how(failure), []).append(other)
+    others = ", ".join(f"rank{'s' if len(group) > 1 else ''} {', '.join(map(str, group[:4]))}"
+                       f"{f' and {len(group) - 4} more' if len(group) > 4 else ''} ({ended})"
+                       for ended, group in groups.items())
+    message = f"rank {rank} failed first ({how(first)})" + (f", then {others}" if others else "")
+    if first.exitcode == 2:
+        return WorkersFailed(2, f"{message}: the mistake it printed above")
+    return WorkersFailed(first.exitcode, f"{message}; continue the run with "
+                                           f"`distcnn train --out {run_dir} --resume`")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolved(host: str, multi_node: bool) -> str | None:
+    """`host` as this machine resolves it; None where unknown, or where several machines need a host *name*
+    that resolves to loopback here (a hosts file mapping the name to 127.0.1.1): the others know it otherwise."""
+    try:
+        address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError, UnicodeError):
+        return None
+    return None if multi_node and is_loopback(address) and not is_loopback(host) else address
+
+
+def route_address(host: str, multi_node: bool) -> str | None:
+    """This machine's address on the way to `host`, where `host` reaches it (a UDP connect sends nothing);
+    None where unknown: torchrun then publishes the host name."""
+    address = resolved(host, multi_node)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))
+            return probe.getsockname()[0]
+    except (OSError, TypeError):  # TypeError: no address
+        return None
+
+
+@contextmanager
+def own_addresses_only(one_machine: bool):
+    """While torchrun runs in this process, nothing it starts listens beyond its own address: the TCPStore
+    servers of its rendezvous (the c10d or static store at the endpoint, the shared store MASTER_ADDR names)
+    bind their host's address, and the ranks of one machine talk over loopback (GLOO_/NCCL_SOCKET_IFNAME).
+
+    The store is unauthenticated and carries pickled state, yet a TCPStore server ignores its host and binds
+    every interface ("::", else "0.0.0.0": UvTcpServer::makeWithPort in torch/csrc/distributed/c10d/
+    TCPStoreLibUvBackend.cpp; the legacy backend's listen passes no address either) unless handed a listening
+    socket (master_listen_fd), which torchrun never does. Where the address is unknown, torch's choice stands."""
+    import psutil
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous, static_tcp_rendezvous
+
+    def store(host_name, port, world_size=None, is_master=False, timeout=None, **options):
+        options |= {"timeout": timeout} if timeout is not None else {}
+        address = resolved(host_name, not one_machine) if is_master and "master_listen_fd" not in options else None
+        if address is None:
+            return TCPStore(host_name, port, world_size, is_master, **options)
+        try:
+            server = socket.create_server((address, port), family=socket.AF_INET6 if ":" in address else
+                                          socket.AF_INET)
+        except OSError as error:  # a RuntimeError, as TCPStore's: the c10d rendezvous then joins as a client
+            raise RuntimeError(f"the rendezvous store cannot listen on {address}:{port}: {error}") from error
+        return TCPStore(host_name, server.getsockname()[1], world_size, True, master_listen_fd=server.detach(),
+                        **options)
+
+    lo = next((name for name, addresses in psutil.net_if_addrs().items()
+               if any(address.address == LOOPBACK for address in addresses)), "lo")
+    variables = {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo} if one_machine else {}
+    saved_variables = {name: os.environ.get(name) for name in variables}
+    replacements = [(c10d_rendezvous_backend, "TCPStore", store), (static_tcp_rendezvous, "TCPStore", store),
+                    (dynamic_rendezvous.DynamicRendezvousHandler, "_create_tcp_store_server",
+                     lambda _, addr, port: store(addr, port, is_master=True, multi_tenant=True))]
+    # a torch without one of these names keeps its own binding there (the sockets test would show it)
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements if hasattr(owner, name)]
+    for owner, name, replacement in replacements:
+        if hasattr(owner, name):
+            setattr(owner, name, replacement)
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        for name, value in saved_variables.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def launch_emulated(config: TrainConfig, run_dir: Path) -> None:

@@ -1,0 +1,208 @@
+"""Nothing lost, nobody in: the launcher and its ranks listen on loopback only (a single-machine run) or on their
+own address, ranks this machine cannot hold are refused before they start, and a rank that dies is named, with
+how it died and how to continue the run."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from distcnn import parallel
+from distcnn.config import available_cores, make_config
+from distcnn.errors import UsageError
+from helpers import ROOT, TWO_RANKS, usage_error
+
+
+def family_of(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def listening(processes: list[psutil.Process]) -> dict[tuple[str, int], str]:
+    """The TCP ports these processes listen on right now: (address, port) -> 'launcher' or 'rank'."""
+    found = {}
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="inet")
+            role = "rank" if "distcnn.worker" in " ".join(process.cmdline()) else "launcher"
+        except psutil.Error:  # it ended while we looked
+            continue
+        for connection in connections:
+            if connection.status == psutil.CONN_LISTEN:
+                found[(connection.laddr.ip, connection.laddr.port)] = role
+    return found
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distcnn", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- problem 1: the rendezvous store and the ranks listen on loopback ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint", ["none", "given"])
+def test_a_single_machine_run_listens_on_loopback_only(tmp_path, endpoint):
+    """The store is unauthenticated and carries pickled state: on one machine, nothing listens beyond it."""
+    extra = ("--rdzv-endpoint", f"127.0.0.1:{free_port()}") if endpoint == "given" else ()
+    job = start(*TWO_RANKS, *extra, "--out", str(tmp_path / "run"))
+    seen, rank_variables = {}, {}
+    try:
+        launcher = psutil.Process(job.pid)
+        while job.poll() is None:  # every 0.1 s while the run lasts
+            processes = family_of(launcher)
+            seen |= listening(processes)
+            for process in processes[1:]:
+                try:
+                    if not rank_variables and "distcnn.worker" in " ".join(process.cmdline()):
+                        rank_variables = process.environ()
+                except psutil.Error:
+                    pass
+            time.sleep(0.1)
+        output = job.stdout.read()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output
+    assert "launcher" in seen.values() and "rank" in seen.values(), f"the store and gloo listen: {seen}"
+    outside = {key: role for key, role in seen.items() if not ipaddress.ip_address(key[0]).is_loopback}
+    assert not outside, f"listening beyond loopback: {outside}"
+    assert rank_variables.get("GLOO_SOCKET_IFNAME") == rank_variables.get("NCCL_SOCKET_IFNAME") == "lo"
+    assert rank_variables.get("MASTER_ADDR") == "127.0.0.1"
+
+
+def test_the_rendezvous_store_binds_its_host_not_every_interface():
+    """torchrun's c10d store (made inside the launcher) listens where the endpoint says, and only there."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters, c10d_rendezvous_backend
+
+    params = RendezvousParameters("c10d", "127.0.0.1:0", "probe", 1, 1)
+    with parallel.own_addresses_only(one_machine=True):
+        _, store = c10d_rendezvous_backend.create_backend(params)
+    ports = {port for (address, port) in listening([psutil.Process()]) if address == "127.0.0.1"}
+    assert store.port in ports
+    assert all(ipaddress.ip_address(address).is_loopback for address, _ in listening([psutil.Process()]))
+    del store
+
+
+def test_a_single_machine_meets_at_loopback_and_several_at_their_endpoint(tmp_path):
+    one = parallel.torchrun_args(make_config({"nproc_per_node": 2}), tmp_path)
+    assert "--standalone" not in one
+    assert {"--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1", "--nnodes=1"} <= set(one)
+    two = parallel.torchrun_args(make_config({"nnodes": 2, "rdzv_endpoint": "127.0.0.1:29517"}), tmp_path)
+    assert {"--rdzv-endpoint=127.0.0.1:29517", "--local-addr=127.0.0.1", "--nnodes=2"} <= set(two)
+
+
+# ---- problem 2: ranks this machine cannot hold ------------------------------------------------------------------
+
+def test_more_cpu_ranks_than_cores_is_refused_in_one_line(tmp_path, capsys):
+    ranks, cores = max(64, available_cores() + 1), available_cores()
+    line = usage_error(capsys, "train", "--data", "synthetic:n=700", "--device", "cpu", "--nproc-per-node",
+                       str(ranks), "--out", tmp_path / "run")
+    assert f"{ranks} CPU ranks" in line and f"{cores} core" in line, line
+    assert "--oversubscribe" in line and f"--nproc-per-node {cores}" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_oversubscribe_lets_them_start():
+    parallel.check_ranks(make_config({"nproc_per_node": 64, "device": "cpu", "oversubscribe": True}))
+    parallel.check_ranks(make_config({"nproc_per_node": min(2, available_cores()), "device": "cpu"}))
+
+
+def test_more_ranks_than_memory_holds_is_refused_as_an_estimate(monkeypatch):
+    class Memory:
+        available = 3 * parallel.RANK_MEMORY + 1
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(parallel, "available_cores", lambda: 64)
+    with pytest.raises(UsageError) as refused:
+        parallel.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu"}))
+    message = str(refused.value)
+    assert "4 ranks need at least" in message and "an estimate" in message and "--nproc-per-node 3" in message
+    parallel.check_ranks(make_config({"nproc_per_node": 3, "device": "cpu"}))
+    parallel.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu", "oversubscribe": True}))
+
+
+def test_emulated_hosts_count_as_ranks_of_this_machine(monkeypatch):
+    monkeypatch.setattr(parallel, "available_cores", lambda: 2)
+    parallel.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 1, "device": "cpu"}))
+    with pytest.raises(UsageError, match="4 CPU ranks.*at most 2 ranks in all"):
+        parallel.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 2,
+                                          "device": "cpu"}))
+
+
+# ---- problem 3: the rank that died first ------------------------------------------------------------------------
+
+def failure(exitcode: int, timestamp: int = 100):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    made = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="/nonexistent")
+    made.timestamp = timestamp
+    return made
+
+
+def test_the_rank_that_failed_first_is_named_not_the_one_the_launcher_stopped(tmp_path):
+    # torchrun lists the ranks it saw fail before those it then stopped, stamped to the second
+    error = parallel.workers_failed({1: failure(-signal.SIGKILL), 0: failure(-signal.SIGTERM)}, tmp_path)
+    assert str(error).startswith("rank 1 failed first (killed by SIGKILL), then rank 0 (stopped by the launcher)")
+    assert f"`distcnn train --out {tmp_path} --resume`" in str(error) and error.exit_code == -signal.SIGKILL
+    seen_together = parallel.workers_failed({0: failure(1), 1: failure(-signal.SIGKILL)}, tmp_path)
+    assert str(seen_together).startswith("rank 1 failed first (killed by SIGKILL), then rank 0 (exit code 1)")
+    earlier = parallel.workers_failed({0: failure(-signal.SIGTERM, 101), 1: failure(1, 100)}, tmp_path)
+    assert str(earlier).startswith("rank 1 failed first (exit code 1)")
+
+
+def test_a_rank_that_stopped_on_a_user_mistake_keeps_exit_code_2(tmp_path):
+    error = parallel.workers_failed({0: failure(-signal.SIGTERM), 1: failure(2)}, tmp_path)
+    assert error.exit_code == 2 and "rank 1 failed first (exit code 2)" in str(error)
+    assert "--resume" not in str(error)
+
+
+def rank_of(process: psutil.Process) -> int | None:
+    try:
+        return int(process.environ()["RANK"]) if "distcnn.worker" in " ".join(process.cmdline()) else None
+    except (psutil.Error, KeyError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_without_restarts_is_named_with_its_signal_and_the_way_to_resume(tmp_path):
+    out = tmp_path / "killed"
+    job = start("--data", "synthetic:n=1600", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
+                "--seed", "2", "--sample-interval", "0.1", "--out", str(out))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # after the first epoch's checkpoint, kill rank 1
+            epochs = out / "epochs.csv"
+            victim = next((p for p in family_of(psutil.Process(job.pid)) if rank_of(p) == 1), None)
+            if epochs.exists() and len(epochs.read_text().splitlines()) >= 2 and victim is not None:
+                victim.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the run never reached its second epoch")
+        output, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    lines = [line for line in output.splitlines() if line.startswith("distcnn: error:")]
+    assert job.returncode == 1 and len(lines) == 1, output
+    assert "rank 1 failed first (killed by SIGKILL)" in lines[0], output
+    assert f"distcnn train --out {out} --resume" in lines[0], output
+    assert "Traceback" not in output.split(lines[0])[1], output
+    assert Path(out, "checkpoint.pt").exists(), "the run continues from its checkpoint"
