@@ -91,6 +91,10 @@ FIELDS: tuple[Field, ...] = (
       group="run", label="best val accuracy"),
     F("best_epoch", int, "epochs", "the epoch of the best validation accuracy"),
     F("stopped_early", bool, "", "fewer epochs than --epochs ran"),
+    F("diverged", bool, "", "the training loss became NaN or infinite: the run stopped after that epoch, "
+      "unscored (a study records it as failed)"),
+    F("diverged_at", dict, "", "where: {epoch, step (in the epoch), global_step (counted from 1), loss}, with "
+      "local_cnn for a CNN-DNN's local CNN (null: it did not diverge)"),
     F("train_seconds", float, "s", "training steps' wall time (a CNN-DNN: slowest local phase + aggregator)",
       response=True, group="time", label="train seconds"),
     F("eval_seconds", float, "s", "validation time, summed over the epochs", response=True),

@@ -27,6 +27,7 @@ from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.console import EpochTable, StepProgress, say
 from distcnn.data import DataSplits, ImageSet, load_data
+from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, create_model, train_flops_per_image
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
@@ -128,13 +129,9 @@ class Trainer:
         strategy adds to the run's summary. `splits`: the data when the strategy has loaded it already."""
         self.config, self.record, self.ranks, self.accounting = config, record, ranks, accounting
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.splits = splits if splits is not None else load_splits(config)
-        splits = self.splits
-        if build_model is None:
-            model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes,
-                                 width=config.width)
-        else:
-            model = build_model(splits)
+        splits = self.splits = splits if splits is not None else load_splits(config)
+        model = (build_model(splits) if build_model is not None else create_model(
+            config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width))
         self.layout = speed.resolve_layout(config.memory_format, ranks.device.type, config.precision)
         self.memory_format = speed.torch_format(self.layout)
         self.model = model.to(ranks.device, memory_format=self.memory_format)
@@ -151,7 +148,7 @@ class Trainer:
         # wall_seconds: training + validation of every epoch so far; target: where --target-accuracy was met
         self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
                       "train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0, "target": None,
-                      "history": [], "resumed_at": []}
+                      "history": [], "resumed_at": [], "diverged": None}
         self._resume()
         self._note_restart()
         self.ddp = self.model
@@ -193,10 +190,10 @@ class Trainer:
         table = EpochTable(ranks)
         while state["epoch"] < c.epochs and not self._should_stop():
             epoch = state["epoch"]
-            train_loss, images, seconds = self._train_epoch(epoch)
+            train_loss, images, seconds, diverged = self._train_epoch(epoch)
             accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
-            val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) else None
+            val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) and not diverged else None
             eval_seconds = time.perf_counter() - eval_start
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
                    "images_per_second": images / seconds, "train_seconds": seconds,
@@ -205,7 +202,7 @@ class Trainer:
                    "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
                    } | accounting
             state["history"].append(row)
-            state["epoch"] = epoch + 1
+            state["epoch"], state["diverged"] = epoch + 1, diverged
             state["train_seconds"] += seconds
             state["wall_seconds"] += row["epoch_seconds"]
             state["images_seen"] += images
@@ -259,17 +256,19 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
 
     def _should_stop(self) -> bool:
-        if self.config.stop_at_target and self.state["target"] is not None:
+        if self.state["diverged"] or (self.config.stop_at_target and self.state["target"] is not None):
             return True
         patience = self.config.patience
         return patience is not None and self.state["stale_epochs"] >= patience
 
-    def _train_epoch(self, epoch: int) -> tuple[float, int, float]:
-        """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds)."""
+    def _train_epoch(self, epoch: int) -> tuple[float, int, float, dict | None]:
+        """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds, diverged_at: where
+        the loss was first not finite on any rank, or None). Kept on the device, read once at the epoch's end."""
         torch.manual_seed(seed_for(self.config, epoch, self.ranks.rank))
         self.inputs.set_epoch(epoch)
         self.ddp.train()
         loss_sum = torch.zeros((), device=self.ranks.device)
+        first_bad, bad_loss = loss_sum + math.inf, loss_sum.clone()  # the first step with a loss not finite, that loss
         images = 0
         progress = StepProgress(self.ranks, f"epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch,
                                 self.accounting.live)
@@ -293,15 +292,23 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * x.shape[0]
+                first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=step))
+                bad_loss = torch.where(first_bad == step, loss.detach(), bad_loss)
                 images += x.shape[0]
                 progress.advance(step, loss, images, time.perf_counter() - start)
                 timer.mark("optimizer")
                 self.accounting.end_step()
             self._sync()
             seconds = time.perf_counter() - start
-        total_loss, total_images = parallel.all_reduce_sum([loss_sum.item(), float(images)], self.ranks)
+        total_loss, total_images, diverging = parallel.all_reduce_sum(
+            [loss_sum.item(), float(images), float(first_bad.isfinite())], self.ranks)
         seconds = parallel.all_reduce_max(seconds, self.ranks)
-        return total_loss / max(1.0, total_images), int(total_images), seconds
+        at = None
+        if diverging:  # the same sum on every rank, so all take part in the gather; the first step of any rank counts
+            step, loss = min(parallel.gather((first_bad.item() + 1, bad_loss.item()), self.ranks))
+            at = {"epoch": epoch + 1, "step": int(step), "global_step": epoch * self.steps_per_epoch + int(step),
+                  "loss": str(loss)}
+        return total_loss / max(1.0, total_images), int(total_images), seconds, at
 
     def _sync(self) -> None:
         if self.ranks.device.type == "cuda":
@@ -329,28 +336,35 @@ class Trainer:
             return
         if improved:
             save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
-        save_checkpoint(self.record.path(CHECKPOINT), {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
-            "state": copy.deepcopy(self.state)})
+        if not self.state["diverged"]:  # weights that are not finite: nothing to resume or start from
+            save_checkpoint(self.record.path(CHECKPOINT), {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
+                "state": copy.deepcopy(self.state)})
         self.record.write_epochs(self.state["history"])
 
     def _finish(self) -> None:
-        """Score the best weights on the test set once, and write the summary (last: it marks the run done)."""
-        state = self.state
-        if state["best_epoch"] is not None:
-            best = load_checkpoint(self.record.path(BEST), self.ranks)
-            self.model.load_state_dict(best["model"])
-        test_accuracy = self.evaluate(self.splits.test)
-        shift_start = time.perf_counter()
-        shift_images, shift_clean, shift_accuracy = evaluate_shifts(self)
-        shift_seconds = time.perf_counter() - shift_start if shift_accuracy is not None else None
+        """Score the best weights on the test set once, and write the summary (last: it marks the run done). A run
+        that diverged is scored on nothing: its summary says where, then every rank raises TrainingDiverged."""
+        state, diverged = self.state, self.state["diverged"]
+        test_accuracy = shift_images = shift_clean = shift_accuracy = shift_seconds = None
+        if not diverged:
+            if state["best_epoch"] is not None:
+                best = load_checkpoint(self.record.path(BEST), self.ranks)
+                self.model.load_state_dict(best["model"])
+            test_accuracy = self.evaluate(self.splits.test)
+            shift_start = time.perf_counter()
+            shift_images, shift_clean, shift_accuracy = evaluate_shifts(self)
+            shift_seconds = time.perf_counter() - shift_start if shift_accuracy is not None else None
         summary = run_summary(self, test_accuracy, shift_images, shift_clean, shift_accuracy, shift_seconds)
         if self.ranks.is_main:
             self.record.write_summary(summary)
+        if not diverged:
             say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "
                 f"({state['train_seconds']:.1f} s training) — run record: {self.record.dir}", self.ranks)
         parallel.barrier(self.ranks)
+        if diverged:
+            raise TrainingDiverged.at(diverged, self.config.resolved_lr, self.record.dir)
 
 
 def evaluate_shifts(trainer: Trainer) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
@@ -397,6 +411,8 @@ def run_summary(trainer: Trainer, test_accuracy: float, shift_images: int | None
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "stopped_early": state["epoch"] < config.epochs,
+        "diverged": state["diverged"] is not None,
+        "diverged_at": state["diverged"],
         "train_seconds": state["train_seconds"],
         "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state["history"]),
         "compile_seconds": trainer.compile_seconds,

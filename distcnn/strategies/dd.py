@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -28,7 +29,7 @@ from distcnn.decomposition.aggregators import (accuracy, dense_decision, mean_de
                                                vote_decision)
 from distcnn.decomposition.models import CoherentCNNDNN, build_local
 from distcnn.decomposition.subimages import Grid, Layout
-from distcnn.errors import UsageError
+from distcnn.errors import TrainingDiverged, UsageError
 from distcnn.models import count_params
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
@@ -113,30 +114,50 @@ class DomainDecomposition:
 
 
 def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits) -> None:
+    """Raises TrainingDiverged on every rank, after writing the summary, when a local CNN's loss diverged: a rank
+    stops training its local CNNs at the first that diverges, and all learn of it at the gather."""
     layout = layout_of(config, splits)
     count = len(layout.boxes)
     started = time.perf_counter()
-    for index in subdomains_of(ranks.rank, ranks.world_size, count):
+    indices = subdomains_of(ranks.rank, ranks.world_size, count)
+    for index in indices:
         sub = local_record(record.dir, index)
         if sub.finished:
             continue
         sub.dir.mkdir(parents=True, exist_ok=True)
         sub.write_config(config.model_dump() | {"subdomain": index})
-        # a one-process run of its own: no gradient communication with the other ranks
-        train_run(config, sub, Ranks.single(ranks.device, ranks.local_rank),
-                  build_model=local_builder(config, layout, index), splits=splits)
+        try:  # a one-process run of its own: no gradient communication with the other ranks
+            train_run(config, sub, Ranks.single(ranks.device, ranks.local_rank),
+                      build_model=local_builder(config, layout, index), splits=splits)
+        except TrainingDiverged:
+            break  # its summary says where
     local_seconds = time.perf_counter() - started
-    mine = {index: _probabilities(config, record, splits, layout, index, ranks)
-            for index in subdomains_of(ranks.rank, ranks.world_size, count)}
-    summaries = {k: local_record(record.dir, k).read_summary() for k in mine}
+    summaries = {k: local_record(record.dir, k).read_summary() for k in indices if local_record(record.dir, k).finished}
+    diverged = any(summary.get("diverged") for summary in summaries.values())
+    mine = {} if diverged else {k: _probabilities(config, record, splits, layout, k, ranks) for k in indices}
     training = sum(summary["train_seconds"] for summary in summaries.values())
     # gathered, not read from rank 0's disk: machines of a multi-node job need not share a filesystem
     everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
                                 "summaries": summaries}, ranks)
+    first = next(({**summary["diverged_at"], "local_cnn": k} for rank in everyone
+                  for k, summary in sorted(rank["summaries"].items()) if summary.get("diverged")), None)
+    if first is not None:
+        stop_diverged(config, record, ranks, splits, first)
     write_environment(config, record, ranks)
     if ranks.is_main:
         _aggregate(config, record, splits, layout, everyone)
     parallel.barrier(ranks)
+
+
+def stop_diverged(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, at: dict) -> NoReturn:
+    """A CNN-DNN whose local CNN diverged: rank 0 writes its summary (`diverged_at`: that local CNN's), so the run
+    is finished and nothing retries it, then every rank raises TrainingDiverged."""
+    write_environment(config, record, ranks)
+    if ranks.is_main:
+        record.write_summary(declared.checked(summary_head(config, splits) | {
+            "world_size": ranks.world_size, "test_accuracy": None, "diverged": True, "diverged_at": at}))
+    parallel.barrier(ranks)
+    raise TrainingDiverged.at(at, config.resolved_lr, record.dir)
 
 
 @torch.no_grad()
@@ -186,16 +207,12 @@ def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout,
     summaries = {k: summary for rank in everyone for k, summary in rank["summaries"].items()}
     locals_ = [summaries[k] for k in range(count)]
     local_seconds = [rank["seconds"] for rank in everyone]  # training steps only, as a run's train_seconds
-    summary = {
-        "name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
-        "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
-        "subimage_size": [layout.sub_height, layout.sub_width],
+    summary = summary_head(config, splits) | {
         "local_test_accuracy": [s["test_accuracy"] for s in locals_],
         "local_params": [s["params"] for s in locals_],
         "params": sum(s["params"] for s in locals_),
         "train_flops_per_image": sum(s["train_flops_per_image"] for s in locals_),
         "epochs_run": max(s["epochs_run"] for s in locals_),
-        "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test),
         "test_accuracy": aggregators["dnn" if config.aggregator == "all" else config.aggregator]["test_accuracy"],
         "aggregators": aggregators,
         "train_seconds": max(local_seconds) + aggregator_seconds,
@@ -206,11 +223,21 @@ def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout,
                    "aggregator": {"seconds": aggregator_seconds}},
         "world_size": len(everyone),
         "comm_bytes_total": sum(s.get("comm_bytes_total") or 0 for s in locals_),
+        "diverged": False, "diverged_at": None,
     }
     for figure in LOCAL_FIGURES:  # the local phase's resources: mean over the local CNNs' runs
         values = [s[figure] for s in locals_ if s.get(figure) is not None]
         summary[figure] = sum(values) / len(values) if values else None
     return declared.checked(summary)
+
+
+def summary_head(config: TrainConfig, splits: DataSplits) -> dict:
+    """What every summary of a CNN-DNN that is not trained as one model begins with: the run and its data."""
+    layout = layout_of(config, splits)
+    return {"name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
+            "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
+            "subimage_size": [layout.sub_height, layout.sub_width],
+            "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test)}
 
 
 def coherent_model(config: TrainConfig, splits: DataSplits) -> CoherentCNNDNN:
@@ -238,7 +265,14 @@ def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits:
         # time to target and shifted test sets belong to the coherent phase, the one model trained end to end
         independent = config.model_copy(update={"dd_mode": "independent", "target_accuracy": None,
                                                 "stop_at_target": False, "eval_shift": None})
-        train_independent(independent, first, ranks, splits)
+        try:
+            train_independent(independent, first, ranks, splits)
+        except TrainingDiverged:
+            pass  # its summary says where; this run's says it too, below
+    # a local CNN that diverged ends this run as well, now or when it is run again; rank 0 wrote the summary
+    at = parallel.gather(first.read_summary().get("diverged_at") if ranks.is_main else None, ranks)[0]
+    if at is not None:
+        stop_diverged(config, record, ranks, splits, at)
     return config.model_copy(update={"init_from": str(first.dir)})
 
 
