@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any, get_args, get_origin
 
-from distcnn.config import TrainConfig, flag, make_config
-from distcnn.errors import UsageError, WorkersFailed, nearest
+from distcnn.config import TrainConfig, flag
+from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed, nearest
 
 
 class Parser(argparse.ArgumentParser):
@@ -111,9 +111,9 @@ def build_parser() -> Parser:
 
 
 def command_train(options: dict) -> int:
-    from distcnn.launch import run
+    from distcnn.launch import config_from, run
 
-    run(make_config(options))
+    run(config_from(options))
     return 0
 
 
@@ -269,3 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkersFailed as error:
         print(f"distcnn: error: {error}", file=sys.stderr)
         return error.exit_code if error.exit_code == 2 else 1
+    except (RunInterrupted, TrainingDiverged) as error:
+        print(f"distcnn: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:  # a file-system condition met outside a run (writing a report, reading a table)
+        from distcnn.ownership import filesystem_problem
+
+        print(f"distcnn: error: {filesystem_problem(error, 'file-system error at')}", file=sys.stderr)
+        return 1

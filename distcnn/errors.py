@@ -25,9 +25,33 @@ def unknown(kind: str, name: str, choices: Iterable[str], show_all: bool = True)
     return UsageError(f"unknown {kind} {name!r}{allowed}{nearest(name, choices)}")
 
 
+class RunInterrupted(Exception):
+    """The run stopped for a reason outside it (a full disk, a folder made read-only): one line, exit 1, and the
+    run continues from its last checkpoint with --resume."""
+
+    exit_code = 1
+
+
 class WorkersFailed(Exception):
     """torchrun's workers failed; `exit_code` is the first failed rank's (2: a user mistake it already printed)."""
 
     def __init__(self, exit_code: int, message: str):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite. The run stopped at the end of that epoch with its summary.json
+    written (`diverged: true`, `diverged_at`): it is finished, so nothing retries it. The CLI prints the one
+    line and exits 1; a study records the run as failed with it."""
+
+    exit_code = 1
+
+    @classmethod
+    def at(cls, where: dict, lr: float, run_dir) -> "TrainingDiverged":
+        """The one line, from a summary's `diverged_at` (epoch and step counted from 1; `local_cnn`: a CNN-DNN's
+        local CNN that diverged)."""
+        local = f" of local CNN {where['local_cnn']}" if where.get("local_cnn") is not None else ""
+        return cls(f"training diverged: the loss{local} was {where['loss']} at epoch {where['epoch']}, step "
+                   f"{where['step']} (global step {where['global_step']}); lower --lr (it was {lr:g}) — run "
+                   f"record: {run_dir}")

@@ -14,20 +14,21 @@ from pathlib import Path
 
 import torch
 
-from distcnn import parallel, shifts, speed
+from distcnn import ownership, parallel, shifts, speed
 from distcnn.augment import build_augment, build_batch_mix
-from distcnn.config import TrainConfig
+from distcnn.config import TrainConfig, make_config
 from distcnn.console import say
 from distcnn.data import DataSplits
-from distcnn.errors import UsageError, WorkersFailed
+from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
 from distcnn.models import check_input_size, create_model
+from distcnn.ownership import DirectoryLock, filesystem_problem
 from distcnn.record import RunRecord
 from distcnn.strategies import get_strategy
 from distcnn.trainer import DATA_OPTIONS, load_splits
 
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
-                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster",
+                         "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster", "oversubscribe",
                          "bandwidth", "delay"}
 
 
@@ -54,70 +55,131 @@ def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplit
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
     check_input_size(model, splits.channels, splits.image_size, config.model)
     get_strategy(config.strategy).validate(config, splits)
+    parallel.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
     world = config.nproc_per_node * config.nnodes
     if len(splits.train) < 2 * world:
         raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
     return splits
 
 
+def config_from(options: dict) -> TrainConfig:
+    """The run's options from those given. With --resume and an --out that holds a run, what was not given comes
+    from the run's own config.json: `distcnn train --out RUN_DIR --resume` continues the run as it was started."""
+    given = {key.replace("-", "_"): value for key, value in options.items()}
+    if given.get("resume") and given.get("out") and RunRecord(given["out"]).path("config.json").is_file():
+        saved = RunRecord(given["out"]).read_config()
+        given = {key: value for key, value in saved.items() if key in TrainConfig.model_fields} | given
+    return make_config(given)
+
+
 def default_run_dir(config: TrainConfig) -> Path:
+    """runs/<time>-<name>, created here (a folder of its own even when two runs start in the same second)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{stamp}-{config.run_name}"
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        except OSError as error:
+            raise filesystem_problem(error, "cannot create the run directory") from None
 
 
-def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool]:
-    """The run directory, checked against what it already holds; returns (record, created_now)."""
-    run_dir = Path(config.out) if config.out else default_run_dir(config)
-    record = RunRecord(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file, not a directory")
-    if record.path("config.json").exists():
-        saved = record.read_config()
-        current = config.model_dump()
-        changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
-        # The other machines of a multi-node job may share this folder: they join the same unfinished run.
-        joining = config.nnodes > 1 and not changed and not record.finished
-        if not (config.resume or joining):
-            state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
-            raise UsageError(f"{run_dir} already holds {state}; choose another --out")
-        if changed:
-            raise UsageError(f"--resume: {run_dir} was started with other options: {', '.join(changed)}")
-        return record, False
-    if config.resume and config.out is None:
-        raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record.write_config(config.model_dump() | {"out": str(run_dir)})
-    return record, created
+def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool, DirectoryLock]:
+    """The run directory, created if needed, locked for this process, and checked against what it already
+    holds; returns (record, created_now, lock). Nothing is left behind when it is refused."""
+    if config.out is None:
+        if config.resume:
+            raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
+        run_dir, created = default_run_dir(config), True
+    else:
+        run_dir = Path(config.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--out {run_dir} is a file, not a directory")
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise filesystem_problem(error, "--out: cannot create the run directory") from None
+    lock = DirectoryLock(run_dir, "run", ownership.lock_name(config.nnodes, config.cluster, config.node_rank))
+    lock.acquire()  # refused: another process owns the folder (it may have created it a moment ago): keep it
+    try:
+        record = RunRecord(run_dir)
+        check_existing(config, record)
+        if not record.path("config.json").exists():
+            try:
+                record.write_config(config.model_dump() | {"out": str(run_dir)})
+            except OSError as error:
+                raise filesystem_problem(error, "cannot write the run record in") from None
+    except BaseException:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return record, created, lock
+
+
+def check_existing(config: TrainConfig, record: RunRecord) -> None:
+    """A run directory that holds a run already: continued with --resume (or joined by the other machines of
+    its multi-node job) only with the options it was started with."""
+    if not record.path("config.json").exists():
+        return
+    saved = record.read_config()
+    current = config.model_dump()
+    changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
+    # The other machines of a multi-node job may share this folder: they join the same unfinished run.
+    joining = config.nnodes > 1 and not changed and not record.finished
+    if not (config.resume or joining):
+        state = "a finished run" if record.finished else "an unfinished run (pass --resume to continue it)"
+        raise UsageError(f"{record.dir} already holds {state}; choose another --out")
+    if changed:
+        raise UsageError(f"--resume: {record.dir} was started with other options: {', '.join(changed)}")
 
 
 def run(config: TrainConfig) -> dict | None:
-    """Validate, prepare the run directory, train, and return the summary. Raises UsageError on bad input.
+    """Validate, prepare and lock the run directory, train, and return the summary. Raises UsageError on bad
+    input, and when another process works in the run directory.
 
     Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
     validate(config)
-    record, created = prepare_run_dir(config)
-    if record.finished:
-        say(f"{record.dir} is already finished; nothing to do")
-        return record.read_summary()
+    record, created, lock = prepare_run_dir(config)
     try:
-        if config.cluster == "emulated":
-            parallel.launch_emulated(config, record.dir)
-        elif parallel.needs_torchrun(config):
-            parallel.launch(config, record.dir)
-        else:
-            train(config, record.dir)
-    except (UsageError, WorkersFailed) as error:
-        # A mistake found only by the workers: leave nothing half-written behind.
-        if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:
-            shutil.rmtree(record.dir, ignore_errors=True)
-        raise
-    return record.read_summary() if record.finished else None
+        if record.finished:
+            say(f"{record.dir} is already finished; nothing to do")
+            return finished_summary(config, record)
+        ownership.mark_parent()  # the ranks and node agents started below die with this process
+        try:
+            if config.cluster == "emulated":
+                parallel.launch_emulated(config, record.dir)
+            elif parallel.needs_torchrun(config):
+                parallel.launch(config, record.dir)
+            else:
+                train(config, record.dir)
+        except (UsageError, WorkersFailed) as error:
+            # A mistake found only by the workers: leave nothing half-written behind.
+            if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:
+                lock.release()
+                shutil.rmtree(record.dir, ignore_errors=True)
+            raise
+        except OSError as error:  # the disk filled up, the folder became read-only: resumable from the checkpoint
+            problem = filesystem_problem(error, "the run stopped on a file-system error at")
+            raise RunInterrupted(f"{problem}; after fixing it, continue the run with "
+                                 f"`distcnn train --out {record.dir} --resume`") from None
+        return finished_summary(config, record) if record.finished else None
+    finally:
+        lock.release()
+
+
+def finished_summary(config: TrainConfig, record: RunRecord) -> dict:
+    """The summary of a finished run; a run that diverged raises TrainingDiverged (its ranks wrote where and
+    returned normally, so torchrun restarted nothing), each time it is asked for."""
+    summary = record.read_summary()
+    if summary.get("diverged"):
+        raise TrainingDiverged.at(summary["diverged_at"], config.resolved_lr, record.dir)
+    return summary
 
 
 def train(config: TrainConfig, run_dir: Path) -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distcnn import parallel
+from distcnn import ownership, parallel
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.record import RunRecord
 
 
 def main(argv: list[str]) -> int:
+    ownership.die_with_parent()  # the launcher's end is this agent's end, and so its ranks'
+    ownership.mark_parent()
     run_dir, address, endpoint, rdzv_id, is_host = argv
     saved = TrainConfig(**RunRecord(Path(run_dir)).read_config())
     config = saved.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})

@@ -88,7 +88,7 @@ class RunRecord:
         write_json(self.path(CONFIG), config)
 
     def read_config(self) -> dict:
-        return json.loads(self.path(CONFIG).read_text())
+        return read_object(self.path(CONFIG), missing_ok=False)
 
     def write_environment(self, environment: dict) -> None:
         write_json(self.path(ENVIRONMENT), environment)
@@ -114,7 +114,7 @@ class RunRecord:
         write_json(self.path(SUMMARY), summary)
 
     def read_summary(self) -> dict:
-        return json.loads(self.path(SUMMARY).read_text())
+        return read_object(self.path(SUMMARY), missing_ok=False)
 
 
 def describe_environment(world_size: int, local_world_size: int, threads: int, device: str, backend: str) -> dict:

@@ -8,13 +8,17 @@ failed with its error while the study goes on.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 from distcnn import launch
 from distcnn.console import say
-from distcnn.errors import UsageError, WorkersFailed
+from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
+from distcnn.ownership import DirectoryLock, filesystem_problem
+from distcnn.record import host_name
 from distcnn.study.spec import StudySpec
 from distcnn.study.store import DATABASE, StudyStore, option_name
 from distcnn.units import duration
@@ -43,12 +47,34 @@ def describe(levels: dict) -> str:
 
 
 class StudyRunner:
+    """One study process per study directory: it holds the directory's lock for its life, so a second runner
+    on the same directory is refused (one line naming the holder), and every run it trains it first claims in
+    study.db, in one transaction."""
+
     def __init__(self, spec: StudySpec, out: Path, retries: int = 1):
         self.spec, self.out, self.retries = spec, Path(out), retries
         self.planned = plan_runs(spec)
-        self.check_configurations()
-        self.store = StudyStore(self.out / DATABASE)
-        self.store.begin(spec.as_dict(), self.planned)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file, not a directory")
+        created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise filesystem_problem(error, "--out: cannot create the study directory") from None
+        self.lock = DirectoryLock(self.out, "study").acquire()
+        self.owner = f"{host_name()}:{os.getpid()}"
+        try:
+            self.check_configurations()
+            self.store = StudyStore(self.out / DATABASE)
+            self.store.begin(spec.as_dict(), self.planned)
+            self.store.release_claims()
+        except BaseException:
+            if hasattr(self, "store"):
+                self.store.close()
+            self.lock.release()
+            if created:  # nothing half-written: a refused study leaves no folder behind
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
 
     def config(self, run: dict):
         return self.spec.run_config(run["levels"], run["seed"], self.out / RUNS / run["run_id"], run["run_id"])
@@ -66,8 +92,11 @@ class StudyRunner:
 
     def pending(self) -> list[dict]:
         """Interrupted runs always run again; failed ones while they have retries left."""
-        return [run for run in self.store.runs() if run["status"] in ("pending", "running")
-                or (run["status"] == "failed" and run["attempts"] <= self.retries)]
+        def due(run: dict) -> bool:
+            return run["status"] in ("pending", "running") or (
+                run["status"] == "failed" and run["attempts"] <= self.retries)
+
+        return [run for run in self.store.runs() if run["owner"] in (None, self.owner) and due(run)]
 
     def run(self) -> list[dict]:
         total = len(self.planned)
@@ -84,11 +113,13 @@ class StudyRunner:
 
     def run_one(self, run: dict) -> float:
         config = self.config(run)
-        self.store.start(run["run_id"], Path(config.out))
+        if not self.store.claim(run["run_id"], Path(config.out), self.owner):
+            say(f"   {run['run_id']} is done or taken by another runner; skipped")
+            return 0.0
         started = time.perf_counter()
         try:
             summary = launch.run(config)
-        except (UsageError, WorkersFailed) as error:
+        except (UsageError, WorkersFailed, TrainingDiverged, RunInterrupted) as error:
             self.store.fail(run["run_id"], str(error), time.perf_counter() - started)
             say(f"   {run['run_id']} failed: {error}")
             return time.perf_counter() - started
@@ -108,3 +139,4 @@ class StudyRunner:
 
     def close(self) -> None:
         self.store.close()
+        self.lock.release()

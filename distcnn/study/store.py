@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS runs (
     seconds REAL,
     run_dir TEXT,
     error TEXT,
-    summary TEXT
+    summary TEXT,
+    owner TEXT
 );
 """
 
@@ -83,6 +84,9 @@ class StudyStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "owner" not in columns:  # a study.db written before runs were claimed
+            self.db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -113,18 +117,26 @@ class StudyStore:
         rows = self.db.execute("SELECT * FROM runs ORDER BY run_order").fetchall()
         return [_as_dict(row) for row in rows]
 
-    def start(self, run_id: str, run_dir: Path) -> None:
-        self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, run_dir = ?, "
-                    "error = NULL WHERE run_id = ? AND status != 'done'", (time.time(), str(run_dir), run_id))
+    def release_claims(self) -> int:
+        """Forget the claims of runners that are gone; only the runner holding the study's lock calls this, so
+        every claim it finds was left by a dead process (its run was interrupted and runs again)."""
+        return self._write("UPDATE runs SET owner = NULL WHERE owner IS NOT NULL")
+
+    def claim(self, run_id: str, run_dir: Path, owner: str) -> bool:
+        """Take a run to train it, in one transaction: False when it is done or another runner holds it, so no
+        two processes ever train the same run."""
+        return self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, "
+                           "run_dir = ?, error = NULL, owner = ? WHERE run_id = ? AND status != 'done' "
+                           "AND owner IS NULL", (time.time(), str(run_dir), owner, run_id)) == 1
 
     def finish(self, run_id: str, summary: dict, seconds: float) -> bool:
         """Mark done with its summary — once: False when it was already done."""
-        return self._write("UPDATE runs SET status = 'done', finished_at = ?, seconds = ?, summary = ? "
-                           "WHERE run_id = ? AND status != 'done'",
+        return self._write("UPDATE runs SET status = 'done', finished_at = ?, seconds = ?, summary = ?, "
+                           "owner = NULL WHERE run_id = ? AND status != 'done'",
                            (time.time(), seconds, json.dumps(summary), run_id)) == 1
 
     def fail(self, run_id: str, error: str, seconds: float) -> None:
-        self._write("UPDATE runs SET status = 'failed', finished_at = ?, seconds = ?, error = ? "
+        self._write("UPDATE runs SET status = 'failed', finished_at = ?, seconds = ?, error = ?, owner = NULL "
                     "WHERE run_id = ? AND status != 'done'", (time.time(), seconds, error, run_id))
 
     def spec(self) -> dict:
