@@ -106,6 +106,25 @@ def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, capsys):
         capsys, "study", write_study(tmp_path), "--out", a_file / "study")
 
 
+@pytest.mark.parametrize("code, reason", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied")])
+def test_a_run_directory_that_cannot_be_written_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch,
+                                                                                 code, reason):
+    """A read-only mount or a folder without write permission (simulated: the tests may run as root)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    line = usage_error(capsys, "train", *TINY, "--out", out)
+    assert reason in line and str(out) in line
+    assert list(out.iterdir()) == []
+
+
 def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
     from distcnn.record import RunRecord
 
