@@ -2,8 +2,9 @@
 (The grid and subimages, the local CNNs and the aggregators are distcnn.decomposition's; this is how they train.)
 
 independent  local phase: the subdomains are dealt to the ranks round-robin; each rank trains its local
-             CNNs one after another as one-process runs (whole training set, no gradient communication), each
-             with its own run record in RUN_DIR/local/kNN/. Aggregator phase: every local CNN's class
+             CNNs together as one model (strategies.local_phase: one batch, one step for all; whole training
+             set, no gradient communication), each with its own run record in RUN_DIR/local/kNN/; a 1x1 grid's
+             one local CNN is the global CNN, data-parallel on every rank. Aggregator phase: every local CNN's class
              probabilities on train, validation and test are gathered on rank 0, the dense aggregator is
              trained on the frozen train-set probabilities, and dnn, mean and vote are scored on the test set.
 coherent     the local CNNs and the dense aggregator as one model, trained end to end, data-parallel (DDP).
@@ -35,6 +36,7 @@ from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, CHECKPOINT, RunRecord
 from distcnn.strategies import register_strategy
+from distcnn.strategies.local_phase import LocalPhase
 from distcnn.trainer import Trainer, accounted, load_splits, train_run, write_environment
 
 LOCAL = "local"
@@ -65,7 +67,7 @@ def validate(config: TrainConfig, splits: DataSplits) -> None:
     build_local(config.model, splits.channels, splits.num_classes, layout, 0, config.width, config.local_width)
     world = config.nproc_per_node * config.nnodes
     count = Grid.parse(config.grid).count
-    if config.dd_mode in ("independent", "transfer") and not config.init_from and world > count:
+    if config.dd_mode in ("independent", "transfer") and not config.init_from and 1 < count < world:
         raise UsageError(f"{world} ranks for {count} subdomains ({config.grid}): independent training gives each "
                          f"rank whole local CNNs; use at most {count} ranks, or a finer --grid")
     if config.dd_mode == "transfer" and config.init_from:
@@ -114,28 +116,23 @@ class DomainDecomposition:
 
 
 def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits) -> None:
-    """Raises TrainingDiverged on every rank, after writing the summary, when a local CNN's loss diverged: a rank
-    stops training its local CNNs at the first that diverges, and all learn of it at the gather."""
+    """Raises TrainingDiverged on every rank, after writing the summary, when a local CNN's loss diverged: the
+    rank's local CNNs stop together, and all ranks learn of it at the gather."""
     layout = layout_of(config, splits)
     count = len(layout.boxes)
     started = time.perf_counter()
     indices = subdomains_of(ranks.rank, ranks.world_size, count)
-    for index in indices:
-        sub = local_record(record.dir, index)
-        if sub.finished:
-            continue
-        sub.dir.mkdir(parents=True, exist_ok=True)
-        sub.write_config(config.model_dump() | {"subdomain": index})
-        try:  # a one-process run of its own: no gradient communication with the other ranks
-            train_run(config, sub, Ranks.single(ranks.device, ranks.local_rank),
-                      build_model=local_builder(config, layout, index), splits=splits)
-        except TrainingDiverged:
-            break  # its summary says where
+    if count == 1:  # a 1x1 grid: its one local CNN is the global CNN, trained data-parallel on every rank
+        train_global_local(config, record, ranks, splits, layout)
+        indices = [0] if ranks.is_main else []
+    elif indices and not all(local_record(record.dir, k).finished for k in indices):
+        train_local_phase(config, record, ranks, splits, layout, indices)
     local_seconds = time.perf_counter() - started
     summaries = {k: local_record(record.dir, k).read_summary() for k in indices if local_record(record.dir, k).finished}
     diverged = any(summary.get("diverged") for summary in summaries.values())
     mine = {} if diverged else {k: _probabilities(config, record, splits, layout, k, ranks) for k in indices}
-    training = sum(summary["train_seconds"] for summary in summaries.values())
+    # the rank's local CNNs trained together: their (shared) training seconds are the rank's
+    training = max((summary["train_seconds"] for summary in summaries.values()), default=0.0)
     # gathered, not read from rank 0's disk: machines of a multi-node job need not share a filesystem
     everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
                                 "summaries": summaries}, ranks)
@@ -147,6 +144,43 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     if ranks.is_main:
         _aggregate(config, record, splits, layout, everyone)
     parallel.barrier(ranks)
+
+
+def train_local_phase(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, layout: Layout,
+                      indices: list[int]) -> None:
+    """This rank's local CNNs, together, on this rank alone (no gradient communication); resumes from the
+    phase's checkpoint. A loss that diverged leaves the summaries saying where (TrainingDiverged is caught)."""
+    locals_ = []
+    for index in indices:
+        sub = local_record(record.dir, index)
+        sub.dir.mkdir(parents=True, exist_ok=True)
+        sub.write_config(config.model_dump() | {"subdomain": index})
+        locals_.append(sub)
+    phase = RunRecord(record.dir / LOCAL / f"rank{ranks.rank}")
+    phase.dir.mkdir(parents=True, exist_ok=True)
+    alone = Ranks.single(ranks.device, ranks.local_rank)
+    try:
+        with accounted(config, phase, alone) as accounting:
+            LocalPhase(config, phase, locals_, alone, accounting, splits, layout, indices, shown=ranks).fit()
+    except TrainingDiverged:
+        pass
+
+
+def train_global_local(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits,
+                       layout: Layout) -> None:
+    """The one local CNN of a 1x1 grid, on every rank of the job (DDP): the global CNN, as the baseline of a
+    grid study, with its aggregator on top."""
+    sub = local_record(record.dir, 0)
+    if sub.finished:
+        return
+    sub.dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        sub.write_config(config.model_dump() | {"subdomain": 0})
+    parallel.barrier(ranks)
+    try:
+        train_run(config, sub, ranks, build_model=local_builder(config, layout, 0), splits=splits)
+    except TrainingDiverged:
+        pass
 
 
 def stop_diverged(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, at: dict) -> NoReturn:
@@ -218,7 +252,7 @@ def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout,
         "train_seconds": max(local_seconds) + aggregator_seconds,
         "phases": {"local": {"seconds": max(local_seconds), "seconds_per_rank": local_seconds,
                              "wall_seconds_per_rank": [rank["wall_seconds"] for rank in everyone],
-                             "seconds_sequential": sum(s["train_seconds"] for s in locals_),
+                             "seconds_sequential": sum(local_seconds),
                              "comm_bytes": sum(s.get("comm_bytes_total") or 0 for s in locals_)},
                    "aggregator": {"seconds": aggregator_seconds}},
         "world_size": len(everyone),
@@ -284,7 +318,7 @@ def coherent_extra(config: TrainConfig, model: CoherentCNNDNN, summary: dict) ->
         local = started_from.get("phases", {}).get("local", local)
     return {"strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
             "aggregators": {"dnn": {"test_accuracy": summary["test_accuracy"]}},
-            "local_params": [count_params(local_cnn) for local_cnn in model.locals],
+            "local_params": [count_params(local_cnn) for local_cnn in model.locals.locals],
             "aggregator_params": count_params(model.aggregator),
             "phases": {"local": local, "coherent": {"seconds": summary["train_seconds"]}}}
 
