@@ -51,7 +51,8 @@ class StackedLocals(nn.Module):
         super().__init__()
         self.locals = nn.ModuleList(locals_)
         self.batched = batched
-        self._skeleton = [copy.deepcopy(locals_[0].cnn).to("meta")]  # a list: not a submodule, no state
+        # the network vmap calls with each local CNN's weights: in a list, so not a submodule and holding no state
+        self._skeleton = [copy.deepcopy(locals_[0].cnn).to("meta")] if batched else []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.batched:
