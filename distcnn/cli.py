@@ -15,13 +15,19 @@ from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, Workers
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (with the nearest flag) and exits 2."""
+    """argparse that reports a mistake in one line (with the nearest flag) and exits 2, and takes no
+    abbreviations: a typo such as `--epoch` must be refused, not run as `--epochs`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
             first = message.split(":", 1)[1].split()[0].split("=")[0]
             message += nearest(first, known_flags(self))
-        raise UsageError(f"{self.prog}: {message}")
+        # a subcommand names itself ("distcnn train: …"); the top parser's name is already the line's prefix
+        raise UsageError(message if self.prog == "distcnn" else f"{self.prog}: {message}")
 
 
 def known_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -54,8 +60,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag(name), default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when it is run from a checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("distcnn")
+    except PackageNotFoundError:
+        import distcnn
+
+        return getattr(distcnn, "__version__", "unknown")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="distcnn", description="Train CNNs with torchrun DDP and account what each choice costs.")
+    parser.add_argument("--version", action="version", version=f"distcnn {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
@@ -69,6 +89,8 @@ def build_parser() -> Parser:
     models.add_argument("--in-chans", type=int, default=1)
     models.add_argument("--num-classes", type=int, default=10)
     models.add_argument("--width", type=float, default=1.0)
+    models.add_argument("--flops", action="store_true",
+                        help="with --filter, also count training FLOPs (builds and runs every model: slow)")
 
     study = commands.add_parser("study", help="run a factorial study (without FILE: the built-in cost study)",
                                 description="Run every configuration × replicate of a study file; run it "
@@ -82,8 +104,10 @@ def build_parser() -> Parser:
                                   description="Which factor explains how much of each response: 2^k r "
                                               "allocation of variation, or ANOVA for more levels.")
     analyze.add_argument("source", metavar="SOURCE", help="a study directory, or a CSV/Parquet file, one row per run")
-    analyze.add_argument("--factors", required=True, metavar="A,B", help="comma-separated factor columns")
-    analyze.add_argument("--responses", required=True, metavar="X,Y", help="comma-separated numeric response columns")
+    analyze.add_argument("--factors", metavar="A,B",
+                         help="comma-separated factor columns (default for a study: its factors)")
+    analyze.add_argument("--responses", metavar="X,Y",
+                         help="comma-separated numeric response columns (default for a study: its responses)")
     analyze.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals (default: 0.05)")
     analyze.add_argument("--json", action="store_true", help="print the result as JSON, and nothing else")
     report = commands.add_parser("report", help="write a study's report (report.html and report.md)")
@@ -118,28 +142,34 @@ def command_train(options: dict) -> int:
 
 
 def command_models(args: argparse.Namespace) -> int:
+    """One line per model as soon as it is measured: a pattern can match dozens of large timm nets."""
     import fnmatch
 
     from rich.console import Console
-    from rich.table import Table
 
-    from distcnn.models import LISTED_TIMM_MODELS, OWN_MODELS, describe, model_names
+    from distcnn.models import LISTED_TIMM_MODELS, OWN_MODELS, describe_each, model_names
 
     names = list(OWN_MODELS) + list(LISTED_TIMM_MODELS)
     if args.filter:
         names = [name for name in model_names() if fnmatch.fnmatch(name, args.filter)]
         if not names:
             raise UsageError(f"no model matches {args.filter!r}{nearest(args.filter, model_names())}")
-    rows = describe(names, in_chans=args.in_chans, image_size=args.image_size, num_classes=args.num_classes,
-                    width=args.width)
-    table = Table(title=f"models at {args.in_chans}×{args.image_size}×{args.image_size}, {args.num_classes} classes")
-    for column in ("model", "source", "params", "train GFLOPs/image"):
-        table.add_column(column, justify="left" if column in ("model", "source") else "right")
-    for row in rows:
-        flops = row.get("train_flops_per_image")
-        table.add_row(row["name"], row["source"], f"{row['params']:,}" if row.get("params") is not None else "-",
-                      f"{flops / 1e9:.4f}" if flops is not None else row.get("error", "-"))
-    Console().print(table)
+    flops = args.flops or not args.filter
+    console = Console(markup=False, emoji=False, highlight=False)
+    wide = max(len("model"), *map(len, names))
+    console.print(f"models at {args.in_chans}×{args.image_size}×{args.image_size}, {args.num_classes} classes"
+                  + ("" if flops else " (add --flops for training FLOPs per image)"))
+    console.print(f"{'model':<{wide}}  {'source':<7}  {'params':>13}" + ("  train GFLOPs/image" if flops else ""))
+    for row in describe_each(names, in_chans=args.in_chans, image_size=args.image_size,
+                             num_classes=args.num_classes, width=args.width, flops=flops):
+        params = f"{row['params']:,}" if row["params"] is not None else "-"
+        line = f"{row['name']:<{wide}}  {row['source']:<7}  {params:>13}"
+        value = row["train_flops_per_image"]
+        if flops and value is not None:
+            line += f"  {value / 1e9:>19.4f}"
+        if row["error"]:
+            line += f"  {row['error']}"
+        console.print(line, soft_wrap=True)
     return 0
 
 

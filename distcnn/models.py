@@ -13,7 +13,7 @@ Model cost is measured here too: trainable parameters and training FLOPs per ima
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import timm
 import torch
@@ -281,8 +281,44 @@ def train_flops_per_image(model: nn.Module, in_chans: int, image_size: int) -> i
         model.train(was_training)
 
 
+def shell_params(name: str, *, in_chans: int, num_classes: int, width: float) -> int:
+    """Parameters counted on a model built on the meta device: shapes without memory or initialisation, so a
+    large timm net is counted in milliseconds. A net whose constructor needs real tensors is built for real."""
+    try:
+        with torch.device("meta"):
+            return count_params(create_model(name, in_chans=in_chans, num_classes=num_classes, width=width))
+    except UsageError:
+        raise
+    except Exception:  # a constructor that cannot run on meta: the real build counts it, or says what is wrong
+        return count_params(create_model(name, in_chans=in_chans, num_classes=num_classes, width=width))
+
+
+def describe_each(
+    names: Iterable[str], *, in_chans: int, image_size: int, num_classes: int, width: float = 1.0, flops: bool = True
+) -> Iterator[dict]:
+    """`describe`'s rows one at a time, so `distcnn models` can show each as soon as it is measured.
+
+    Without `flops` no model is built for real or run: the params come from `shell_params`, and
+    train_flops_per_image stays None — the way to list many timm nets quickly.
+    """
+    for name in names:
+        row = {"name": name, "source": model_source(name), "params": None, "train_flops_per_image": None,
+               "error": None}
+        try:
+            if not flops:
+                row["params"] = shell_params(name, in_chans=in_chans, num_classes=num_classes, width=width)
+            else:
+                model = create_model(name, in_chans=in_chans, num_classes=num_classes, width=width)
+                row["params"] = count_params(model)
+                check_input_size(model, in_chans, image_size, name)
+                row["train_flops_per_image"] = train_flops_per_image(model, in_chans, image_size)
+        except UsageError as error:
+            row["error"] = str(error)
+        yield row
+
+
 def describe(
-    names: Iterable[str], *, in_chans: int, image_size: int, num_classes: int, width: float = 1.0
+    names: Iterable[str], *, in_chans: int, image_size: int, num_classes: int, width: float = 1.0, flops: bool = True
 ) -> list[dict]:
     """One row per model for `distcnn models`: name, source, params, train_flops_per_image and error.
 
@@ -290,16 +326,5 @@ def describe(
     reason in `error` and None for the figures it lacks, so one bad row does not hide the table.
     An unknown name still raises: that is a typo to fix, not a row.
     """
-    rows = []
-    for name in names:
-        row = {"name": name, "source": model_source(name), "params": None, "train_flops_per_image": None,
-               "error": None}
-        try:
-            model = create_model(name, in_chans=in_chans, num_classes=num_classes, width=width)
-            row["params"] = count_params(model)
-            check_input_size(model, in_chans, image_size, name)
-            row["train_flops_per_image"] = train_flops_per_image(model, in_chans, image_size)
-        except UsageError as error:
-            row["error"] = str(error)
-        rows.append(row)
-    return rows
+    return list(describe_each(names, in_chans=in_chans, image_size=image_size, num_classes=num_classes,
+                              width=width, flops=flops))

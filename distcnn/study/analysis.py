@@ -304,14 +304,61 @@ def split_names(text: str, flag_name: str) -> list[str]:
     return names
 
 
+def _requested(args: argparse.Namespace, level_order: dict) -> tuple[list[str], list[str] | None]:
+    """The factors and responses named on the command line; for a study directory what is left out is the
+    study's own (responses None: every response the study declares, each analysed where it has numbers)."""
+    study = Path(args.source).is_dir()
+    if not study and (args.factors is None or args.responses is None):
+        missing = " and ".join(name for name in ("--factors", "--responses") if getattr(args, name[2:]) is None)
+        raise UsageError(f"analyzing a table needs {missing} (only a study directory supplies them)")
+    factors = split_names(args.factors, "--factors") if args.factors is not None else list(level_order)
+    responses = split_names(args.responses, "--responses") if args.responses is not None else None
+    return factors, responses
+
+
+def _study_responses(study_dir: str | Path) -> list[str]:
+    from distcnn.study.store import open_study
+
+    store = open_study(study_dir)
+    try:
+        return list(store.spec().get("responses", []))
+    finally:
+        store.close()
+
+
+def _study_analysis(table, factors, responses, level_order, alpha) -> tuple[dict, dict[str, str]]:
+    """A study's own responses, as `analyze` reports them, leaving out (with the reason) those without numbers
+    to analyse: a GPU figure on a CPU must not take the others with it."""
+    present = [name for name in responses if name in table]
+    if present:  # a mistyped --factors or --alpha is the user's one line, not a reason per response
+        _check_request(table, factors, present, alpha)
+    analyses = analyse_responses(table, factors, responses, level_order, alpha)
+    skipped = {name: f"{found} runs have a number; need at least 2" for name, found in analyses.missing.items()}
+    skipped |= analyses.failed
+    if not analyses.results:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or "the study has no responses"
+        raise UsageError(f"no response of the study can be analysed ({reasons})")
+    first = next(iter(analyses.results.values()))  # the design is the table's, the same for every response
+    result = {key: value for key, value in first.items() if key != "responses"}
+    result["responses"] = {name: analyses.results[name]["responses"][name]
+                           for name in responses if name in analyses.results}
+    return result, skipped
+
+
 def command_analyze(args: argparse.Namespace) -> int:
     table, level_order = load_source(args.source)
-    result = analyze(table, split_names(args.factors, "--factors"), split_names(args.responses, "--responses"),
-                     level_order, args.alpha)
-    if args.json:
-        print(json.dumps(result))
+    factors, responses = _requested(args, level_order)
+    skipped: dict[str, str] = {}
+    if responses is None:
+        result, skipped = _study_analysis(table, factors, _study_responses(args.source), level_order, args.alpha)
     else:
-        print_result(result, args.alpha)
+        result = analyze(table, factors, responses, level_order, args.alpha)
+    if args.json:
+        print(json.dumps(result | ({"skipped": skipped} if skipped else {})))
+        return 0
+    print_result(result, args.alpha)
+    for name, reason in skipped.items():
+        print(f"no analysis of {name}: {reason}")
     return 0
 
 
