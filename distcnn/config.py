@@ -164,6 +164,8 @@ class TrainConfig(BaseModel):
     name: str | None = Field(None, description="run name: letters, digits and . _ + - (default: model-policy)")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<name>)")
     resume: bool = Field(False, description="continue the run in --out from its last checkpoint")
+    prepare_only: bool = Field(False, description="write RUN_DIR/config.json for `torchrun -m distcnn.worker "
+                               "RUN_DIR` and exit")
 
     @field_validator("name")
     @classmethod
@@ -211,6 +213,12 @@ class TrainConfig(BaseModel):
     def resolved_weight_decay(self) -> float:
         wd = self.weight_decay
         return wd if wd is not None else OPTIMIZER_DEFAULTS[self.optimizer]["weight_decay"]
+
+    @property
+    def recorded(self) -> dict:
+        """The options as config.json records them: the learning rate and weight decay resolved, so the record
+        says what trained (a default that changes later does not change what an old run says it used)."""
+        return self.model_dump() | {"lr": self.resolved_lr, "weight_decay": self.resolved_weight_decay}
 
     @property
     def run_name(self) -> str:

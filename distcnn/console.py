@@ -20,6 +20,13 @@ def say(message: str, ranks: Ranks | None = None) -> None:
         _console.print(message, markup=False, soft_wrap=True)
 
 
+def loaded_line(splits, model: str, world_size: int, device_type: str) -> str:
+    """The line before the first epoch: what was loaded and what trains it, so a slow start is not silent."""
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    return (f"{splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / {len(splits.test):,} test "
+            f"images, {model}, {ranks} on {device_type}")
+
+
 class StepProgress:
     """A transient bar over the steps of one epoch: images/s, the running loss, CPU % and network MB/s."""
 

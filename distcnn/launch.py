@@ -8,6 +8,7 @@ workers, or on emulated hosts), and return the summary. `train(config, run_dir)`
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from distcnn import ownership, parallel, shifts, speed
 from distcnn.augment import build_augment, build_batch_mix
-from distcnn.config import TrainConfig, make_config
+from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
 from distcnn.data import DataSplits
 from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
@@ -29,7 +30,7 @@ from distcnn.trainer import DATA_OPTIONS, load_splits
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
                          "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster", "oversubscribe",
-                         "bandwidth", "delay"}
+                         "bandwidth", "delay", "prepare_only"}
 
 
 def data_options(config: TrainConfig) -> tuple:
@@ -68,7 +69,8 @@ def config_from(options: dict) -> TrainConfig:
     given = {key.replace("-", "_"): value for key, value in options.items()}
     if given.get("resume") and given.get("out") and RunRecord(given["out"]).path("config.json").is_file():
         saved = RunRecord(given["out"]).read_config()
-        given = {key: value for key, value in saved.items() if key in TrainConfig.model_fields} | given
+        given = {key: value for key, value in saved.items()
+                 if key in TrainConfig.model_fields and key != "prepare_only"} | given
     return make_config(given)
 
 
@@ -111,7 +113,7 @@ def prepare_run_dir(config: TrainConfig) -> tuple[RunRecord, bool, DirectoryLock
         check_existing(config, record)
         if not record.path("config.json").exists():
             try:
-                record.write_config(config.model_dump() | {"out": str(run_dir)})
+                record.write_config(config.recorded | {"out": str(run_dir)})
             except OSError as error:
                 raise filesystem_problem(error, "cannot write the run record in") from None
     except BaseException:
@@ -127,8 +129,7 @@ def check_existing(config: TrainConfig, record: RunRecord) -> None:
     its multi-node job) only with the options it was started with."""
     if not record.path("config.json").exists():
         return
-    saved = record.read_config()
-    current = config.model_dump()
+    saved, current = resolved(record.read_config()), config.recorded
     changed = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
     # The other machines of a multi-node job may share this folder: they join the same unfinished run.
     joining = config.nnodes > 1 and not changed and not record.finished
@@ -139,14 +140,26 @@ def check_existing(config: TrainConfig, record: RunRecord) -> None:
         raise UsageError(f"--resume: {record.dir} was started with other options: {', '.join(changed)}")
 
 
+def resolved(saved: dict) -> dict:
+    """A saved config with its learning rate and weight decay resolved as the run resolved them: a record
+    written before config.json held them (null: the optimizer's default) compares equal to one that does."""
+    defaults = OPTIMIZER_DEFAULTS.get(saved.get("optimizer"), {})
+    return saved | {key: defaults.get(key) for key in ("lr", "weight_decay") if saved.get(key) is None}
+
+
 def run(config: TrainConfig) -> dict | None:
     """Validate, prepare and lock the run directory, train, and return the summary. Raises UsageError on bad
     input, and when another process works in the run directory.
 
-    Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem)."""
+    Returns None on a machine of a multi-node job that does not see rank 0's summary (another filesystem), and
+    with --prepare-only (the run directory then holds config.json, for torchrun to start the workers on)."""
     validate(config)
     record, created, lock = prepare_run_dir(config)
     try:
+        if config.prepare_only:
+            command = shlex.join(["torchrun", *parallel.torchrun_args(config, record.dir)])
+            say(f"prepared {record.dir}; start the run with: {command}")
+            return None
         if record.finished:
             say(f"{record.dir} is already finished; nothing to do")
             return finished_summary(config, record)

@@ -3,8 +3,9 @@ target, checkpoints; precision, memory format and compile (distcnn.speed); the D
 
 A strategy (distcnn.strategies) runs it through `train_run`, passing what differs as data at construction: the
 model to build for the loaded data, the data itself, and what it adds to the summary. Every run record gets its
-environment.json from `write_environment`; a run the loop trains gets its summary.json from `run_summary` (the
-one other summary, an independent CNN-DNN's, is built from its local runs' by strategies.dd.independent_summary).
+environment.json from `write_environment`; a run the loop trains gets its summary.json from
+distcnn.run_summary (the one other summary, an independent CNN-DNN's, is built from its local runs' by
+strategies.dd.independent_summary).
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import comm, parallel, shifts, speed
-from distcnn import summary as declared
-from distcnn.augment import get_policy
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
-from distcnn.console import EpochTable, StepProgress, say
-from distcnn.data import DataSplits, ImageSet, load_data
+from distcnn.console import EpochTable, StepProgress, loaded_line, say
+from distcnn.data import DataSplits, load_data
 from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, create_model, train_flops_per_image
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.run_summary import evaluate_shifts, final_line, run_summary, speed_options
 from distcnn.telemetry.accounting import Accounting
 
 DATA_OPTIONS = ("data", "data_dir", "image_size", "train_subset", "val_fraction", "test_fraction", "split_seed",
@@ -62,10 +62,6 @@ def train_run(config: TrainConfig, record: RunRecord, ranks: Ranks, build_model:
     """Train one run record on these ranks, accounted: the config's model, or `build_model`'s."""
     with accounted(config, record, ranks) as accounting:
         Trainer(config, record, ranks, accounting, build_model=build_model, splits=splits).fit()
-
-
-def speed_options(config: TrainConfig, ranks: Ranks) -> dict:
-    return speed.describe(config.precision, config.memory_format, config.compile, ranks.device.type)
 
 
 def write_environment(config: TrainConfig, record: RunRecord, ranks: Ranks) -> None:
@@ -145,6 +141,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config, ranks.device.type)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.top5 = splits.num_classes > 5  # top-5 accuracy says something only with more than 5 classes
         # wall_seconds: training + validation of every epoch so far; target: where --target-accuracy was met
         self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
                       "train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0, "target": None,
@@ -187,15 +184,18 @@ class Trainer:
         c, ranks, state = self.config, self.ranks, self.state
         write_environment(c, self.record, ranks)
         self._compile()
+        say(loaded_line(self.splits, c.model, ranks.world_size, ranks.device.type), ranks)
         table = EpochTable(ranks)
         while state["epoch"] < c.epochs and not self._should_stop():
             epoch = state["epoch"]
             train_loss, images, seconds, diverged = self._train_epoch(epoch)
             accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
-            val_accuracy = self.evaluate(self.splits.val) if len(self.splits.val) and not diverged else None
+            val = self.scores(self.splits.val) if len(self.splits.val) and not diverged else {}
+            val_accuracy = val.get("accuracy")
             eval_seconds = time.perf_counter() - eval_start
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
+                   "val_loss": val.get("loss")} | ({"val_top5": val.get("top5")} if self.top5 else {}) | {
                    "images_per_second": images / seconds, "train_seconds": seconds,
                    "eval_seconds": eval_seconds, "epoch_seconds": seconds + eval_seconds,
                    "lr": self.optimizer.param_groups[0]["lr"],
@@ -221,34 +221,7 @@ class Trainer:
         self._finish()
 
     def _compile(self) -> None:
-        """Compile the step's model before the first epoch, on a batch of the training shape, so that compilation
-        is timed on its own (compile_seconds) and not inside epoch 1. The warm-up changes nothing: its gradients
-        are dropped, its communicated bytes are not counted, BatchNorm's running statistics are restored, and it
-        draws no random numbers before the epoch seeds its generator. reduce-overhead also records its CUDA
-        graphs here (they are recorded on a later call than the first)."""
-        if self.config.compile == "off":
-            return
-        saved = [buffer.clone() for buffer in self.model.buffers()]
-        x = torch.zeros(self.inputs.batch_shape, device=self.ranks.device).contiguous(memory_format=self.memory_format)
-        targets = torch.zeros(x.shape[0], dtype=torch.long, device=self.ranks.device)
-        self.step_model.train()
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(3 if self.config.compile == "reduce-overhead" else 1):
-            self._step_begin()
-            with self.precision.autocast():
-                loss = self.criterion(self.step_model(x), targets)
-            loss.backward()
-            self.optimizer.zero_grad(set_to_none=True)
-        self._sync()
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            for buffer, value in zip(self.model.buffers(), saved):
-                buffer.copy_(value)
-        if self.accounting.counter is not None:
-            self.accounting.counter.take()
-        self.compile_seconds = parallel.all_reduce_max(seconds, self.ranks)
-        say(f"compiled the model ({self.config.compile}) in {self.compile_seconds:.1f} s", self.ranks)
+        compile_warmup(self)
 
     def _step_begin(self) -> None:
         """reduce-overhead: a new step begins, so the CUDA graphs may reuse the last step's output memory."""
@@ -314,21 +287,31 @@ class Trainer:
         if self.ranks.device.type == "cuda":
             torch.cuda.synchronize(self.ranks.device)
 
-    @torch.inference_mode()
     def evaluate(self, images, shift: shifts.Shift | None = None) -> float:
-        """Accuracy over a whole split (optionally shifted): each rank scores its shard in large batches, at the
-        run's precision, counting on the device (one read at the end); the counts are summed over ranks."""
+        return self.scores(images, shift)["accuracy"]
+
+    @torch.inference_mode()
+    def scores(self, images, shift: shifts.Shift | None = None) -> dict[str, float | None]:
+        """Accuracy, mean cross-entropy and (over 5 classes) top-5 accuracy over a whole split (optionally
+        shifted): each rank scores its shard in large batches, at the run's precision, counting on the device
+        (one read at the end); the counts are summed over ranks."""
         self.model.eval()
-        correct = torch.zeros((), dtype=torch.long, device=self.ranks.device)
+        counts = torch.zeros(3, dtype=torch.float64, device=self.ranks.device)  # correct, top-5 correct, loss sum
         total = 0
         inputs = EvalInputs(images, self.splits.mean, self.splits.std, self.eval_batch, self.ranks, shift,
                             self.memory_format)
         with self.precision.autocast():
             for x, labels in inputs:
-                correct += (self.model(x).argmax(dim=1) == labels).sum()
+                logits = self.model(x).float()
+                counts[0] += (logits.argmax(dim=1) == labels).sum()
+                if self.top5:
+                    counts[1] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
+                counts[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
                 total += labels.numel()
-        correct, total = parallel.all_reduce_sum([float(correct.item()), float(total)], self.ranks)
-        return correct / total if total else math.nan
+        correct, top5, loss, total = parallel.all_reduce_sum([*counts.tolist(), float(total)], self.ranks)
+        if not total:
+            return {"accuracy": math.nan, "top5": None, "loss": None}
+        return {"accuracy": correct / total, "top5": top5 / total if self.top5 else None, "loss": loss / total}
 
     def _save(self, improved: bool) -> None:
         """Rank 0 writes the epoch's checkpoint, the best weights and epochs.csv, each atomically."""
@@ -349,9 +332,13 @@ class Trainer:
         state, diverged = self.state, self.state["diverged"]
         test_accuracy = shift_images = shift_clean = shift_accuracy = shift_seconds = None
         if not diverged:
+            weights = "the last weights"
             if state["best_epoch"] is not None:
                 best = load_checkpoint(self.record.path(BEST), self.ranks)
                 self.model.load_state_dict(best["model"])
+                weights = f"the best weights (epoch {state['best_epoch']})"
+            say(f"evaluating {weights} on {len(self.splits.test):,} test images"
+                + (f" and shifted copies ({self.config.eval_shift})" if self.config.eval_shift else ""), self.ranks)
             test_accuracy = self.evaluate(self.splits.test)
             shift_start = time.perf_counter()
             shift_images, shift_clean, shift_accuracy = evaluate_shifts(self)
@@ -360,90 +347,39 @@ class Trainer:
         if self.ranks.is_main:
             self.record.write_summary(summary)
         if not diverged:
-            say(f"test accuracy {test_accuracy:.4f} after {state['epoch']} epochs "
-                f"({state['train_seconds']:.1f} s training) — run record: {self.record.dir}", self.ranks)
+            say(final_line(summary, self.record.dir), self.ranks)
         parallel.barrier(self.ranks)
         if diverged:
             raise TrainingDiverged.at(diverged, self.config.resolved_lr, self.record.dir)
 
 
-def evaluate_shifts(trainer: Trainer) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
-    """--eval-shift: (images scored, their unshifted accuracy, {shift: {"1": accuracy, ...}}) on shifted copies
-    of the test set, or of --shift-images of its images. Shifts and subset are seeded by the split seed: every
-    run of a study is scored on the same shifted images."""
-    config, splits = trainer.config, trainer.splits
-    names = shifts.parse_shifts(config.eval_shift)
-    if not names:
-        return None, None, None
-    test, n = splits.test, config.shift_images
-    if n is not None and n < len(test):
-        generator = torch.Generator().manual_seed(config.split_seed)
-        chosen = torch.randperm(len(test), generator=generator)[:n].sort().values
-        test = ImageSet(test.images[chosen], test.labels[chosen])
-    clean = trainer.evaluate(test) if test is not splits.test else None
-    accuracy = {name: {str(severity): trainer.evaluate(test, shifts.Shift(name, severity, config.split_seed))
-                       for severity in shifts.SEVERITIES} for name in names}
-    return len(test), clean, accuracy
-
-
-def shifts_in_training(config: TrainConfig, channels: int) -> list[str]:
-    """The shifts this run's augmentation (at its strength) and CutMix train on."""
-    policy = get_policy(config.policy).scaled(config.aug_strength).for_channels(channels)
-    return shifts.shifts_in_training(policy, config.cutmix)
-
-
-def run_summary(trainer: Trainer, test_accuracy: float, shift_images: int | None, shift_clean: float | None,
-                shift_accuracy: dict | None, shift_seconds: float | None) -> dict:
-    """The summary.json of a run trained by the loop, assembled here and only here: the loop's own figures,
-    then accounting's (collective: every rank calls this), then what the run's strategy adds."""
-    config, splits, ranks, state = trainer.config, trainer.splits, trainer.ranks, trainer.state
-    target = state["target"] or {}
-    summary = {
-        "name": config.run_name,
-        "model": config.model,
-        "policy": config.policy,
-        "aug_backend": config.aug_backend,
-        **speed_options(config, ranks),
-        "data": splits.name,
-        "world_size": ranks.world_size,
-        "test_accuracy": test_accuracy,
-        "best_val_accuracy": state["best_val_accuracy"],
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "stopped_early": state["epoch"] < config.epochs,
-        "diverged": state["diverged"] is not None,
-        "diverged_at": state["diverged"],
-        "train_seconds": state["train_seconds"],
-        "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state["history"]),
-        "compile_seconds": trainer.compile_seconds,
-        "images_seen": state["images_seen"],
-        "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
-        "params": trainer.params,
-        "train_flops_per_image": trainer.flops_per_image,
-        "achieved_flops_per_s": (trainer.flops_per_image * state["images_seen"] / ranks.world_size
-                                 / state["train_seconds"]) if state["train_seconds"] else None,
-        "gradient_bytes": comm.gradient_bytes(trainer.model),
-        "train_images": len(splits.train),
-        "val_images": len(splits.val),
-        "test_images": len(splits.test),
-        "resumed_at_epochs": state["resumed_at"],
-        "restarts": state.get("restarts", []),
-        "telemetry": config.telemetry,
-        "aug_strength": config.aug_strength,
-        "target_accuracy": config.target_accuracy,
-        "time_to_target_seconds": target.get("seconds"),
-        "epochs_to_target": target.get("epoch"),
-        "images_to_target": target.get("images"),
-        # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
-        "stopped_at_target": bool(config.stop_at_target and target and state["epoch"] < config.epochs),
-        "shift_images": shift_images,
-        "shift_clean_accuracy": test_accuracy if shift_accuracy and shift_clean is None else shift_clean,
-        "shift_accuracy": shift_accuracy,
-        "shift_accuracy_mean": (sum(a for by in shift_accuracy.values() for a in by.values())
-                                / sum(len(by) for by in shift_accuracy.values())) if shift_accuracy else None,
-        "shifts_in_training": shifts_in_training(config, splits.channels),
-        "shift_eval_seconds": shift_seconds,
-    } | trainer.accounting.summary(state["history"])
-    if trainer.summary_extra is not None:
-        summary |= trainer.summary_extra(trainer.model, summary)
-    return declared.checked(summary)
+def compile_warmup(trainer: Trainer) -> None:
+    """Compile the step's model before the first epoch, on a batch of the training shape, so that compilation
+    is timed on its own (compile_seconds) and not inside epoch 1. The warm-up changes nothing: its gradients
+    are dropped, its communicated bytes are not counted, BatchNorm's running statistics are restored, and it
+    draws no random numbers before the epoch seeds its generator. reduce-overhead also records its CUDA
+    graphs here (they are recorded on a later call than the first)."""
+    if trainer.config.compile == "off":
+        return
+    saved = [buffer.clone() for buffer in trainer.model.buffers()]
+    x = torch.zeros(trainer.inputs.batch_shape, device=trainer.ranks.device)
+    x = x.contiguous(memory_format=trainer.memory_format)
+    targets = torch.zeros(x.shape[0], dtype=torch.long, device=trainer.ranks.device)
+    trainer.step_model.train()
+    trainer._sync()
+    start = time.perf_counter()
+    for _ in range(3 if trainer.config.compile == "reduce-overhead" else 1):
+        trainer._step_begin()
+        with trainer.precision.autocast():
+            loss = trainer.criterion(trainer.step_model(x), targets)
+        loss.backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._sync()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for buffer, value in zip(trainer.model.buffers(), saved):
+            buffer.copy_(value)
+    if trainer.accounting.counter is not None:
+        trainer.accounting.counter.take()
+    trainer.compile_seconds = parallel.all_reduce_max(seconds, trainer.ranks)
+    say(f"compiled the model ({trainer.config.compile}) in {trainer.compile_seconds:.1f} s", trainer.ranks)

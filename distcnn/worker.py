@@ -1,6 +1,7 @@
 """The script torchrun starts on every rank: `python -m distcnn.worker RUN_DIR`.
 
-It trains the run whose config.json the launcher wrote into RUN_DIR. A user mistake found only here
+It trains the run whose config.json the launcher wrote into RUN_DIR (`distcnn train --prepare-only` writes one
+for a torchrun started by hand). A user mistake found only here
 (an image that cannot be decoded, say) ends the rank with one line and exit code 2, as in the CLI.
 """
 
@@ -9,18 +10,34 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from distcnn import ownership
-from distcnn.config import TrainConfig
+from distcnn.config import TrainConfig, describe_validation_error
 from distcnn.errors import TrainingDiverged, UsageError
 from distcnn.launch import train
-from distcnn.record import RunRecord
+from distcnn.record import CONFIG, RunRecord
+
+
+def read_run(argv: list[str]) -> tuple[Path, TrainConfig]:
+    """The run directory named on the command line and the config the launcher wrote there; UsageError (one
+    line saying how to make one) when there is none: the worker is also started by hand, under torchrun."""
+    if len(argv) != 1:
+        raise UsageError("usage: python -m distcnn.worker RUN_DIR (a run directory that holds config.json)")
+    record = RunRecord(argv[0])
+    if not record.path(CONFIG).is_file():
+        raise UsageError(f"{record.path(CONFIG)} is missing: write it with "
+                         f"`distcnn train --prepare-only --out {record.dir} [options]`")
+    try:
+        return record.dir, TrainConfig(**record.read_config())
+    except ValidationError as error:
+        raise UsageError(f"{record.path(CONFIG)}: {describe_validation_error(error)}") from None
 
 
 def main(argv: list[str]) -> int:
     ownership.die_with_parent()  # torchrun starts ranks in sessions of their own: they must not outlive it
-    run_dir = Path(argv[0])
-    config = TrainConfig(**RunRecord(run_dir).read_config())
     try:
+        run_dir, config = read_run(argv)
         train(config, run_dir)
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Time to accuracy: on a run whose validation curve is scripted (the test stubs Trainer.evaluate, the product
+"""Time to accuracy: on a run whose validation curve is scripted (the test stubs Trainer.scores, the product
 evaluates for real), the target is recorded at the first epoch that reaches it, with the wall time and images up
 to that epoch; null when never met; --stop-at-target ends the run there; a resumed run keeps it."""
 
@@ -26,13 +26,15 @@ def config(tmp_path, **options):
 def scripted(monkeypatch):
     """Validation accuracies from a list, epoch by epoch; the test set is still scored for real."""
     def install(curve):
-        real = Trainer.evaluate
+        real = Trainer.scores
         values = iter(curve)
 
-        def evaluate(self, images, shift=None):
-            return next(values) if images is self.splits.val else real(self, images, shift)
+        def scores(self, images, shift=None):
+            if images is self.splits.val:
+                return {"accuracy": next(values), "top5": None, "loss": None}
+            return real(self, images, shift)
 
-        monkeypatch.setattr(Trainer, "evaluate", evaluate)
+        monkeypatch.setattr(Trainer, "scores", scores)
 
     return install
 

@@ -25,6 +25,7 @@ from distcnn import parallel
 from distcnn import summary as declared
 from distcnn.checkpoint import load_checkpoint
 from distcnn.config import TrainConfig
+from distcnn.console import loaded_line, say
 from distcnn.data import DataSplits
 from distcnn.decomposition.aggregators import (accuracy, dense_decision, mean_decision, train_dense,
                                                vote_decision)
@@ -35,6 +36,7 @@ from distcnn.models import count_params
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, CHECKPOINT, RunRecord
+from distcnn.run_summary import final_line
 from distcnn.strategies import register_strategy
 from distcnn.strategies.local_phase import LocalPhase
 from distcnn.trainer import Trainer, accounted, load_splits, train_run, write_environment
@@ -122,6 +124,9 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     count = len(layout.boxes)
     started = time.perf_counter()
     indices = subdomains_of(ranks.rank, ranks.world_size, count)
+    if count > 1:  # (a 1x1 grid's one local CNN says it through the loop)
+        say(loaded_line(splits, f"{config.model} CNN-DNN {config.grid}: {count} local CNNs", ranks.world_size,
+                        ranks.device.type), ranks)
     if count == 1:  # a 1x1 grid: its one local CNN is the global CNN, trained data-parallel on every rank
         train_global_local(config, record, ranks, splits, layout)
         indices = [0] if ranks.is_main else []
@@ -154,7 +159,7 @@ def train_local_phase(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     for index in indices:
         sub = local_record(record.dir, index)
         sub.dir.mkdir(parents=True, exist_ok=True)
-        sub.write_config(config.model_dump() | {"subdomain": index})
+        sub.write_config(config.recorded | {"subdomain": index})
         locals_.append(sub)
     phase = RunRecord(record.dir / LOCAL / f"rank{ranks.rank}")
     phase.dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,7 @@ def train_global_local(config: TrainConfig, record: RunRecord, ranks: Ranks, spl
         return
     sub.dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
-        sub.write_config(config.model_dump() | {"subdomain": 0})
+        sub.write_config(config.recorded | {"subdomain": 0})
     parallel.barrier(ranks)
     try:
         train_run(config, sub, ranks, build_model=local_builder(config, layout, 0), splits=splits)
@@ -230,7 +235,22 @@ def _aggregate(config: TrainConfig, record: RunRecord, splits: DataSplits, layou
         if name in chosen:
             aggregators[name] = {"test_accuracy": accuracy(decide(stacked["test"]), labels["test"])}
     aggregator_seconds = time.perf_counter() - started
-    record.write_summary(independent_summary(config, splits, layout, everyone, aggregators, aggregator_seconds))
+    summary = independent_summary(config, splits, layout, everyone, aggregators, aggregator_seconds)
+    record.write_summary(summary)
+    say(aggregator_table(summary))
+    say(final_line(summary, record.dir, "dnn" if config.aggregator == "all" else config.aggregator))
+
+
+def aggregator_table(summary: dict) -> str:
+    """What an independent CNN-DNN ends with: how good its local CNNs are alone, and what each aggregator makes
+    of them, all on the test set, in fixed columns."""
+    local = [a for a in summary["local_test_accuracy"] if a is not None]
+    lines = [f"{'test accuracy':<16}{'mean':>8}{'min':>8}{'max':>8}"]
+    if local:
+        lines.append(f"{f'local CNNs ({len(local)})':<16}{sum(local) / len(local):>8.4f}{min(local):>8.4f}"
+                     f"{max(local):>8.4f}")
+    lines += [f"{name:<16}{figures['test_accuracy']:>8.4f}" for name, figures in summary["aggregators"].items()]
+    return "\n".join(lines)
 
 
 def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout, everyone: list, aggregators: dict,
