@@ -1,4 +1,5 @@
-"""The command line: `distcnn train`, `models`, `datasets`, `show`, `study`, `analyze`, `report`, `cluster`.
+"""The command line: `distcnn train`, `models`, `datasets`, `show`, `study`, `analyze`, `export`, `report`,
+`cluster`.
 
 `train`'s flags are generated from TrainConfig's fields, so a new option needs no CLI code. A user mistake
 prints one line `distcnn: error: …` and exits 2; nothing below this module imports it.
@@ -110,6 +111,12 @@ def build_parser() -> Parser:
                          help="comma-separated numeric response columns (default for a study: its responses)")
     analyze.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals (default: 0.05)")
     analyze.add_argument("--json", action="store_true", help="print the result as JSON, and nothing else")
+    export = commands.add_parser("export", help="every run of a study as a CSV (or Parquet) table",
+                                 description="One row per run, failed and pending ones too: factors, status, "
+                                             "seed, time and every summary figure.")
+    export.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
+    export.add_argument("--csv", default=None, metavar="FILE", help="write the table as CSV")
+    export.add_argument("--parquet", default=None, metavar="FILE", help="write the table as Parquet (needs pyarrow)")
     report = commands.add_parser("report", help="write a study's report (report.html and report.md)")
     report.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
 
@@ -281,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             from distcnn.study.analysis import command_analyze
 
             return command_analyze(args)
+        if args.command == "export":
+            from distcnn.study.export import command_export
+
+            return command_export(args)
         if args.command == "report":
             from distcnn.study.report import command_report
 
