@@ -157,6 +157,9 @@ class TrainConfig(BaseModel):
     telemetry: Literal["on", "off"] = Field(
         "on", description="resource sampling, step timers and byte counting (off only to measure their cost)")
     sample_interval: float = Field(0.5, gt=0, description="seconds between resource samples")
+    tensorboard: bool = Field(False, description=(
+        "also write TensorBoard event files (RUN_DIR/tensorboard/) from the epochs.csv rows and the telemetry "
+        "series"))
     comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = Field(
         "allreduce", description="DDP gradient communication hook (torch's own)")
     powersgd_rank: int = Field(1, ge=1, description="matrix approximation rank of the powersgd hook")

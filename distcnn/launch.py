@@ -30,7 +30,7 @@ from distcnn.trainer import DATA_OPTIONS, load_splits
 # Options that may differ when a run is resumed: how it runs, not what it computes.
 RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
                          "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster", "oversubscribe",
-                         "bandwidth", "delay", "prepare_only"}
+                         "bandwidth", "delay", "prepare_only", "tensorboard"}
 
 
 def data_options(config: TrainConfig) -> tuple:

@@ -325,6 +325,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
                 "state": copy.deepcopy(self.state)})
         self.record.write_epochs(self.state["history"])
+        if self.accounting.events is not None:
+            self.accounting.events.epoch(self.state["history"][-1])
 
     def _finish(self) -> None:
         """Score the best weights on the test set once, and write the summary (last: it marks the run done). A run

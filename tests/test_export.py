@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import sqlite3
 
 import pytest
@@ -58,11 +57,23 @@ def test_export_needs_an_output_file(tmp_path, capsys):
     assert "--csv FILE or --parquet FILE" in usage_error(capsys, "export", tmp_path)
 
 
-def test_export_to_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch, capsys):
-    if importlib.util.find_spec("pyarrow") is not None:
-        pytest.skip("pyarrow is installed")
-    stub_training(monkeypatch)
-    run_study(write_study(tmp_path), tmp_path / "out")
-    line = usage_error(capsys, "export", tmp_path / "out", "--parquet", tmp_path / "runs.parquet")
-    assert "pip install pyarrow" in line
-    assert not (tmp_path / "runs.parquet").exists()
+@pytest.mark.slow
+def test_export_to_parquet_has_one_row_per_run_with_the_factors(tiny_study, tmp_path, capsys):
+    pandas = pytest.importorskip("pandas")
+    study = copy_study(tiny_study, tmp_path)
+    code, out, _ = cli(capsys, "export", study, "--parquet", tmp_path / "runs.parquet")
+    assert code == 0 and "exported 8 runs" in out
+    table = pandas.read_parquet(tmp_path / "runs.parquet")
+    _, rows = read_csv_export(capsys, study, tmp_path / "runs.csv")
+    assert len(table) == 8 and table["run_id"].is_unique
+    assert list(table.columns[:3]) == ["run_id", "policy", "model"]
+    assert set(table["policy"]) == {"none", "flip-crop"} and set(table["model"]) == {"lenet", "simplecnn"}
+    assert (table["status"] == "done").all()
+    by_run = {row["run_id"]: float(row["test_accuracy"]) for row in rows}
+    assert all(by_run[str(run)] == pytest.approx(accuracy)
+               for run, accuracy in zip(table["run_id"], table["test_accuracy"]))
+
+
+def read_csv_export(capsys, study, path):
+    assert cli(capsys, "export", study, "--csv", path)[0] == 0
+    return read_csv(path)

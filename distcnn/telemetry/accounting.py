@@ -19,6 +19,7 @@ from distcnn.telemetry.counters import run_interfaces
 from distcnn.record import RunRecord
 from distcnn.telemetry.resources import combine_ranks
 from distcnn.telemetry.sampler import ResourceSampler
+from distcnn.telemetry.tensorboard import EventLog
 from distcnn.telemetry.steps import StepTimer, epoch_figures, run_breakdown
 
 DDP_SAMPLE_EVERY = 10  # steps between DDP's own runtime timers (it also times each of the first 10)
@@ -52,6 +53,7 @@ class Accounting:
         self.timer = StepTimer(ranks.device) if self.enabled else _Off()
         self.counter: comm.ByteCounter | None = None
         self.ddp = None
+        self.events = EventLog.open(config, record, ranks)  # --tensorboard: None unless on, and rank 0
         if self.enabled:
             # A GPU shared by several local ranks is read by the first of them only: energy counted once.
             shared = ranks.device.type == "cuda" and ranks.local_rank >= torch.cuda.device_count()
@@ -154,5 +156,9 @@ class Accounting:
         return figures
 
     def stop(self) -> None:
-        if self.sampler is not None:
-            self.sampler.stop()
+        try:
+            if self.sampler is not None:
+                self.sampler.stop()
+        finally:
+            if self.events is not None:  # after the sampler: its series is complete
+                self.events.close()
