@@ -359,7 +359,6 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
     """One torchrun node agent inside each emulated host, meeting at a c10d rendezvous on the first host's
     address: the real multi-node code path, over the emulated network."""
     import secrets
-    import signal
     import sys
     import time
 

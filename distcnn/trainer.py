@@ -201,11 +201,7 @@ class Trainer:
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
                    } | accounting
-            state["history"].append(row)
-            state["epoch"], state["diverged"] = epoch + 1, diverged
-            state["train_seconds"] += seconds
-            state["wall_seconds"] += row["epoch_seconds"]
-            state["images_seen"] += images
+            self._count_epoch(row, images, seconds, diverged)
             reached = note_target(state, c.target_accuracy, val_accuracy)
             improved = val_accuracy is not None and (
                 state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"])
@@ -219,6 +215,15 @@ class Trainer:
                 say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
                     f"{state['epoch']} ({state['wall_seconds']:.1f} s, {state['images_seen']:,} images)", ranks)
         self._finish()
+
+    def _count_epoch(self, row: dict, images: int, seconds: float, diverged: dict | None) -> None:
+        """The epoch's row in the history and its counts in the run's state."""
+        state = self.state
+        state["history"].append(row)
+        state["epoch"], state["diverged"] = row["epoch"], diverged
+        state["train_seconds"] += seconds
+        state["wall_seconds"] += row["epoch_seconds"]
+        state["images_seen"] += images
 
     def _compile(self) -> None:
         compile_warmup(self)
@@ -319,14 +324,18 @@ class Trainer:
             return
         if improved:
             save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
-        if not self.state["diverged"]:  # weights that are not finite: nothing to resume or start from
+        self._save_checkpoint()
+        self.record.write_epochs(self.state["history"])
+        if self.accounting.events is not None:
+            self.accounting.events.epoch(self.state["history"][-1])
+
+    def _save_checkpoint(self) -> None:
+        """What a resumed run or a torchrun restart continues from; weights that are not finite are no start."""
+        if not self.state["diverged"]:
             save_checkpoint(self.record.path(CHECKPOINT), {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
                 "state": copy.deepcopy(self.state)})
-        self.record.write_epochs(self.state["history"])
-        if self.accounting.events is not None:
-            self.accounting.events.epoch(self.state["history"][-1])
 
     def _finish(self) -> None:
         """Score the best weights on the test set once, and write the summary (last: it marks the run done). A run

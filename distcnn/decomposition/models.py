@@ -58,11 +58,10 @@ class StackedLocals(nn.Module):
         if not self.batched:
             return torch.stack([local(images) for local in self.locals], dim=2)
         subimages = torch.stack([local.subimage(images) for local in self.locals])  # (K, N, C, h, w)
-        names = [name for name, _ in self.locals[0].cnn.named_parameters()]
-        params = {name: torch.stack([dict(local.cnn.named_parameters())[name] for local in self.locals])
-                  for name in names}
-        buffers = {name: torch.stack([dict(local.cnn.named_buffers())[name] for local in self.locals])
-                   for name, _ in self.locals[0].cnn.named_buffers()}
+        own_params = [dict(local.cnn.named_parameters()) for local in self.locals]
+        own_buffers = [dict(local.cnn.named_buffers()) for local in self.locals]
+        params = {name: torch.stack([own[name] for own in own_params]) for name in own_params[0]}
+        buffers = {name: torch.stack([own[name] for own in own_buffers]) for name in own_buffers[0]}
         skeleton = self._skeleton[0].train(self.training)
 
         def one(p, b, x):

@@ -13,7 +13,6 @@ with the others, unused). The phase itself (checkpoint, telemetry) is RUN_DIR/lo
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -30,7 +29,7 @@ from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, train_flops_per_image
 from distcnn.parallel import Ranks
 from distcnn.pipeline import EvalInputs
-from distcnn.record import BEST, CHECKPOINT, RunRecord
+from distcnn.record import BEST, RunRecord
 from distcnn.telemetry.accounting import Accounting
 from distcnn.trainer import Trainer, write_environment
 
@@ -90,11 +89,7 @@ class LocalPhase(Trainer):
                    "images_per_second": images / seconds, "train_seconds": seconds, "eval_seconds": eval_seconds,
                    "epoch_seconds": seconds + eval_seconds, "lr": self.optimizer.param_groups[0]["lr"],
                    "achieved_flops_per_s": self.flops_per_image * images / seconds} | accounting
-            state["history"].append(row)
-            state["epoch"], state["diverged"] = epoch + 1, diverged
-            state["train_seconds"] += seconds
-            state["wall_seconds"] += row["epoch_seconds"]
-            state["images_seen"] += images
+            self._count_epoch(row, images, seconds, diverged)
             improved = self._note_locals(row, local_losses, val, diverged)
             self._save(improved)
             table.row(row, bool(improved))
@@ -140,11 +135,7 @@ class LocalPhase(Trainer):
         for i in improved:
             save_checkpoint(self.local_records[i].path(BEST),
                             {"model": self.model.locals[i].state_dict(), "epoch": state["epoch"]})
-        if not state["diverged"]:
-            save_checkpoint(self.record.path(CHECKPOINT), {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
-                "state": copy.deepcopy(state)})
+        self._save_checkpoint()
         self.record.write_epochs(state["history"])
         for record, local in zip(self.local_records, state["locals"]):
             record.write_epochs(local["history"])
