@@ -138,7 +138,10 @@ def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_pa
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:  # wait until some runs are done and the next one is under way
             if (out / "study.db").exists():
-                statuses = [r["status"] for r in runs_in(out)]
+                try:
+                    statuses = [r["status"] for r in runs_in(out)]
+                except sqlite3.OperationalError:  # the study process has created the file, not yet its tables
+                    statuses = []
                 if statuses.count("done") >= 2 and "running" in statuses:
                     time.sleep(1.0)
                     break
