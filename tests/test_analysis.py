@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import re
 import sys
 import types
 
@@ -103,6 +104,45 @@ def test_three_by_two_levels_agree_with_statsmodels_anova():
     for level, effect in effects["batch size"].items():
         low, high = ci["batch size"][level]
         assert low < effects["mean"] + effect < high
+
+
+def test_f_and_p_per_term_agree_with_statsmodels_for_both_designs():
+    from statsmodels.formula.api import ols
+    from statsmodels.stats.anova import anova_lm
+
+    rng = np.random.default_rng(5)
+    two = pd.DataFrame([{"A": a, "B": b, "y": 2 * (a == "on") + 0.3 * (b == "y") + rng.normal(0, 0.4)}
+                        for a in ("off", "on") for b in ("x", "y") for _ in range(3)])
+    entry = analyze(two, ["A", "B"], ["y"])["responses"]["y"]
+    expected = anova_lm(ols("y ~ C(A, Sum) * C(B, Sum)", two).fit(), typ=2)
+    assert entry["f"]["A"] == pytest.approx(expected.loc["C(A, Sum)", "F"])
+    assert entry["p"]["A:B"] == pytest.approx(expected.loc["C(A, Sum):C(B, Sum)", "PR(>F)"])
+    assert entry["df_residual"] == 8 and entry["p"]["A"] < 0.001
+
+
+def test_without_replicates_f_and_p_are_unavailable_not_zero():
+    table = pd.DataFrame({"A": [1, 2, 3] * 2, "B": ["x"] * 3 + ["y"] * 3, "y": [1.0, 2.5, 2.0, 3.0, 4.0, 6.5]})
+    entry = analyze(table, ["A", "B"], ["y"])["responses"]["y"]
+    assert entry["df_residual"] == 0
+    assert set(entry["f"]) == {"A", "B", "A:B"} and all(v is None for v in [*entry["f"].values(), *entry["p"].values()])
+
+
+def test_a_level_effect_is_printed_with_the_interval_of_that_deviation(capsys):
+    from distcnn.study.analysis import print_result
+
+    rng = np.random.default_rng(7)
+    table = pd.DataFrame([{"size": size, "y": {32: 1.0, 64: 2.0, 128: 4.0}[size] + rng.normal(0, 0.1)}
+                          for size in (32, 64, 128) for _ in range(4)])
+    result = analyze(table, ["size"], ["y"])
+    entry = result["responses"]["y"]
+    for level, effect in entry["effects"]["size"].items():
+        low, high = entry["effect_ci"]["size"][level]
+        assert low < effect < high  # the deviation lies in its own interval (the level mean's is elsewhere)
+    print_result(result, 0.05)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "size = 32" in line)
+    effect, low, high = (float(x) for x in re.findall(r"-?\d+\.\d+", line)[-3:])
+    assert effect < 0 and low < effect < high
 
 
 def test_unreplicated_two_by_two_has_no_error_term():

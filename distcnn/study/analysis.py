@@ -163,12 +163,14 @@ def _two_level(y: np.ndarray, cell: np.ndarray, factors: list[str], replicates: 
         df = 2**k * (r - 1)
         half = stats.t.ppf(1 - alpha / 2, df) * math.sqrt(sse / df) / math.sqrt(2**k * r)
         ci = {name: [q - half, q + half] for name, q in effects.items()}
-    return {"variation_percent": shares, "effects": effects, "ci": ci}
+    _, _, tests = _fit(y, cell, [2] * k, factors)  # F and p from statsmodels: the same sums of squares
+    return {"variation_percent": shares, "effects": effects, "ci": ci} | tests
 
 
-def _anova(y, cell, shape, levels, factors, alpha) -> dict:
-    """Sum-to-zero ANOVA through statsmodels; each term's share of the total sum of squares. With a
-    configuration missing, interactions cannot be estimated and only the main effects are fitted."""
+def _fit(y, cell, shape, factors):
+    """The linear model of every term (main effects only when a configuration has no runs), its ANOVA table
+    from statsmodels, and each term's F statistic and p-value (None for every term without residual degrees
+    of freedom: one run per configuration leaves nothing to test against)."""
     from statsmodels.formula.api import ols
     from statsmodels.stats.anova import anova_lm
 
@@ -182,6 +184,22 @@ def _anova(y, cell, shape, levels, factors, alpha) -> dict:
         # type II backs its sums of squares out of F tests, which need residual degrees of freedom; without
         # them the design is one run per configuration, balanced, where type I gives the same sums
         table = anova_lm(model, typ=2 if model.df_resid > 0 else 1)
+    names = {term: ":".join(factors[int(i)] for i in re.findall(r"\bf(\d+)\b", term))
+             for term in table.index if term != "Residual"}
+    tested = model.df_resid > 0
+    tests = {"f": {name: (float(table.loc[term, "F"]) if tested else None) for term, name in names.items()},
+             "p": {name: (float(table.loc[term, "PR(>F)"]) if tested else None) for term, name in names.items()},
+             "df_residual": int(model.df_resid)}
+    return model, table, tests
+
+
+def _anova(y, cell, shape, levels, factors, alpha) -> dict:
+    """Sum-to-zero ANOVA through statsmodels; each term's share of the total sum of squares. With a
+    configuration missing, interactions cannot be estimated and only the main effects are fitted. Each level's
+    effect is its mean minus the grand mean; `effect_ci` is the interval of that deviation (variance
+    MSE (1/n_level - 1/N)), `ci` the interval of the level's mean."""
+    model, table, tests = _fit(y, cell, shape, factors)
+    codes = np.unravel_index(cell, shape)
     sst = float(((y - y.mean()) ** 2).sum())
     found = {":".join(factors[int(i)] for i in re.findall(r"\bf(\d+)\b", term)): ss
              for term, ss in table["sum_sq"].items() if term != "Residual"}
@@ -189,6 +207,7 @@ def _anova(y, cell, shape, levels, factors, alpha) -> dict:
     shares["error"] = _percent(table.loc["Residual", "sum_sq"], sst) if model.df_resid > 0 else None
     grand = float(y.mean())
     effects, ci = {"mean": grand}, ({} if model.df_resid > 0 else None)
+    effect_ci = {} if ci is not None else None
     t = stats.t.ppf(1 - alpha / 2, model.df_resid) if ci is not None else math.nan
     for name, code in zip(factors, codes):
         chosen = {str(level): y[code == j] for j, level in enumerate(levels[name])}
@@ -197,7 +216,11 @@ def _anova(y, cell, shape, levels, factors, alpha) -> dict:
             half = {level: t * math.sqrt(model.mse_resid / len(values)) for level, values in chosen.items()}
             ci[name] = {level: [values.mean() - half[level], values.mean() + half[level]]
                         for level, values in chosen.items()}
-    return {"variation_percent": shares, "effects": effects, "ci": ci}
+            spread = {level: t * math.sqrt(model.mse_resid * (1 / len(values) - 1 / len(y)))
+                      for level, values in chosen.items()}
+            effect_ci[name] = {level: [effects[name][level] - spread[level], effects[name][level] + spread[level]]
+                               for level in chosen}
+    return {"variation_percent": shares, "effects": effects, "ci": ci, "effect_ci": effect_ci} | tests
 
 
 def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, int]:
@@ -370,17 +393,22 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 
 def _share_rows(entry: dict, design: str):
-    """(term, %, effect, CI) rows: one per effect for 2^k r; for ANOVA one per term, then one per level."""
-    effects, ci = entry["effects"], entry["ci"] or {}
-    yield "mean", "", _fmt(effects["mean"]), _fmt(ci["mean"]) if "mean" in ci else ""
+    """(term, %, F, p, effect, CI) rows: one per effect for 2^k r; for ANOVA one per term, then one per level,
+    its effect (a deviation from the grand mean) with the interval of that same deviation."""
+    effects, f, p = entry["effects"], entry.get("f") or {}, entry.get("p") or {}
+    ci = (entry["ci"] or {}) if design == "2k" else (entry.get("effect_ci") or {})
+    mean_ci_ = (entry["ci"] or {}).get("mean")
+    yield "mean", "", "", "", _fmt(effects["mean"]), _fmt(mean_ci_) if mean_ci_ else ""
     for term, share in entry["variation_percent"].items():
+        tested = ("", "") if term == "error" else (_fmt(f.get(term), ".4g"), _fmt(p.get(term), ".2g"))
         effect = effects.get(term)
         if design == "2k":
-            yield term, _fmt(share, ".2f"), _fmt(effect) if term in effects else "", _fmt(ci[term]) if term in ci else ""
+            yield term, _fmt(share, ".2f"), *tested, _fmt(effect) if term in effects else "", \
+                _fmt(ci[term]) if term in ci else ""
             continue
-        yield term, _fmt(share, ".2f"), "", ""
+        yield term, _fmt(share, ".2f"), *tested, "", ""
         for level, value in (effect or {}).items():
-            yield f"  {term} = {level}", "", _fmt(value), _fmt(ci[term][level]) if term in ci else ""
+            yield f"  {term} = {level}", "", "", "", _fmt(value), _fmt(ci[term][level]) if term in ci else ""
 
 
 def print_result(result: dict, alpha: float) -> None:
@@ -403,10 +431,11 @@ def print_result(result: dict, alpha: float) -> None:
             means.add_row(*(str(row["levels"][name]) for name in factors), str(row["n"]), _fmt(row["mean"]) + half)
         console.print(means)
         title = "2^k r" if design == "2k" else "ANOVA"
-        captions = ([] if design == "2k" else ["effect: level mean - grand mean; CI: of the level mean"]) + [note or ""]
+        captions = ([] if design == "2k" else ["effect: level mean - grand mean; CI: of that deviation"]) + \
+            (["F, p: n/a without replicates (no residual degrees of freedom)"] if not entry.get("df_residual") else [])
         shares = Table(title=f"{response}: allocation of variation ({title}, replicates: {_fmt(replicates, 'd')})",
-                       caption="\n".join(line for line in captions if line) or None)
-        for column in ("term", "variation %", "effect", f"{confidence} CI"):
+                       caption="\n".join(line for line in [*captions, note or ""] if line) or None)
+        for column in ("term", "variation %", "F", "p", "effect", f"{confidence} CI of the effect"):
             shares.add_column(column, justify="left" if column == "term" else "right")
         for row in _share_rows(entry, design):
             shares.add_row(*row)

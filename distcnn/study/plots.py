@@ -89,20 +89,56 @@ def small_multiples(responses: list[str], terms: list, draw, title: str) -> byte
     return png(figure)
 
 
-def main_effects_figure(table, factors, level_order, responses, alpha) -> bytes:
-    """Per response and factor: the mean response at each level, with its CI as error bars."""
+ANCHOR = 0.05  # an effect panel's y-axis spans at least ±5 % of the grand mean: a 0.1 % wobble stays flat
+
+
+def anchored(ax, grand: float, unit: str, constant: bool) -> None:
+    """A y-axis that says its unit and shows the relative size: at least ±ANCHOR of the grand mean around
+    it, and a right-hand axis in % deviation from the grand mean (where the mean is not 0)."""
+    ax.set_ylabel(unit, fontsize=8)
+    if not math.isfinite(grand) or grand == 0:
+        return
+    low, high = ax.get_ylim()
+    reach = abs(grand) * ANCHOR
+    ax.set_ylim(min(low, grand - reach), max(high, grand + reach))
+    ax.axhline(grand, color="0.6", linewidth=0.8, linestyle=":")
+    percent = ax.secondary_yaxis("right", functions=(lambda y: 100 * (y - grand) / abs(grand),
+                                                     lambda d: grand + d * abs(grand) / 100))
+    percent.set_ylabel("% from grand mean", fontsize=7, color="0.4")
+    percent.tick_params(labelsize=6, colors="0.4")
+    if constant:
+        ax.set_facecolor("0.95")
+        ax.text(0.5, 0.04, "practically constant", transform=ax.transAxes, ha="center", fontsize=7, color="0.4")
+
+
+def _scaled(table: pd.DataFrame, responses: list[str], scales: dict | None) -> pd.DataFrame:
+    """The responses divided by the unit they are shown in (bytes in MiB, say)."""
+    scales = scales or {}
+    return table.assign(**{name: pd.to_numeric(table[name], errors="coerce") / scales[name][1]
+                           for name in responses if name in scales})
+
+
+def main_effects_figure(table, factors, level_order, responses, alpha, scales=None, constant=()) -> bytes:
+    """Per response and factor: the mean response at each level, with its CI as error bars; the y-axis in the
+    response's unit (`scales`: response -> (unit label, divisor)), anchored around the grand mean."""
+    table = _scaled(table, responses, scales)
+
     def draw(ax, response, factor):
         means = _ordered(level_means(table, response, [factor], factors, alpha), factor, level_order[factor])
         ax.errorbar(means[factor], means["mean"], yerr=_error_bars(means["half"]), marker="o", capsize=4)
         ax.set_xlabel(factor, fontsize=8)
+        anchored(ax, float(table[response].mean()), (scales or {}).get(response, ("",))[0], response in constant)
 
     return small_multiples(responses, factors, draw, f"main effects: mean per level "
-                                                     f"(bars: {100 * (1 - alpha):g}% CI, where runs are replicated)")
+                                                     f"(bars: {100 * (1 - alpha):g}% CI, where runs are replicated; "
+                                                     f"dotted: grand mean)")
 
 
-def interactions_figure(table, factors, level_order, responses, alpha) -> bytes | None:
+def interactions_figure(table, factors, level_order, responses, alpha, scales=None, constant=()) -> bytes | None:
     """Per response and pair of factors: one line per level of the second across the levels of the first;
     parallel lines mean no interaction."""
+    table = _scaled(table, responses, scales)
+
     def draw(ax, response, pair):
         first, second = pair
         means = level_means(table, response, [first, second], factors, alpha)
@@ -115,6 +151,7 @@ def interactions_figure(table, factors, level_order, responses, alpha) -> bytes 
                         marker="o", capsize=3, label=f"{second}={level}")
         ax.set_xticks(range(len(positions)), list(positions))
         ax.set_xlabel(first, fontsize=8)
+        anchored(ax, float(table[response].mean()), (scales or {}).get(response, ("",))[0], response in constant)
         if response == responses[0]:
             ax.legend(fontsize=7)
 
@@ -180,7 +217,7 @@ def pareto_front(points: list[tuple]) -> list[tuple]:
 
 
 def pareto_figure(table: pd.DataFrame, labels: pd.Series, palette: dict[str, str], costs: list[str],
-                  accuracy: str = "test_accuracy") -> bytes:
+                  accuracy: str = "test_accuracy", axis_labels: dict[str, str] | None = None) -> bytes:
     """Per cost: every run as a small dot, each configuration's mean as a diamond, and the front of the means
     as a step line (the best accuracy reachable for at most that cost), its configurations named by their
     levels (the legend names them all)."""
@@ -201,8 +238,8 @@ def pareto_figure(table: pd.DataFrame, labels: pd.Series, palette: dict[str, str
             xs, ys, _ = zip(*front)
             ax.step(xs, ys, where="post", color="black", linewidth=1, linestyle="--", label="Pareto front")
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xlabel(cost, fontsize=8)
-        ax.set_ylabel(accuracy, fontsize=8)
+        ax.set_xlabel((axis_labels or {}).get(cost, cost), fontsize=8)
+        ax.set_ylabel((axis_labels or {}).get(accuracy, accuracy), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     figure.suptitle("accuracy versus cost: runs (dots), configuration means (diamonds)", fontsize=10)

@@ -15,10 +15,11 @@ import pandas as pd
 from distcnn import summary as declared
 from distcnn.errors import UsageError
 from distcnn.study.store import load_runs_table, open_study, option_name
-from distcnn.units import human_bytes
+from distcnn.units import Scale, decimals_for, human_bytes, scale, with_unit
 
 ALPHA = 0.05
 ACCURACY = declared.key("test_accuracy")
+CONSTANT_CV = 0.01  # a response whose runs vary by less (std / |mean|) is practically constant
 
 
 # ---- formatting --------------------------------------------------------------------------------------------
@@ -34,7 +35,41 @@ def number(value, unit: str = "") -> str:
         return f"{value:.1f}"
     if unit in ("B", "B/s"):
         return human_bytes(value)
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return f"{value:,.{min(decimals_for(value), 8)}f}"
+
+
+def values(table: pd.DataFrame, response: str) -> pd.Series:
+    """A response's numbers over the done runs (NaN where a run has none)."""
+    return pd.to_numeric(table[response], errors="coerce") if response in table else pd.Series(dtype=float)
+
+
+def response_scale(table: pd.DataFrame, response: str) -> Scale:
+    """The one unit (declared in distcnn.summary) and precision a response reads in throughout the report."""
+    return scale(values(table, response).dropna(), declared.unit(response))
+
+
+def response_label(table: pd.DataFrame, response: str) -> str:
+    """`train_seconds (s)`, `rss_peak_bytes (MiB)`: the name and the unit its figures are shown in."""
+    return with_unit(response, response_scale(table, response).label)
+
+
+def variation_coefficient(table: pd.DataFrame, response: str) -> float | None:
+    """std / |mean| of a response over the runs (None: fewer than 2 numbers or a mean of 0)."""
+    y = values(table, response).dropna()
+    if len(y) < 2 or y.mean() == 0:
+        return None
+    return float(y.std(ddof=1) / abs(y.mean()))
+
+
+def practically_constant(table: pd.DataFrame, response: str) -> bool:
+    cv = variation_coefficient(table, response)
+    return cv is not None and cv < CONSTANT_CV
+
+
+def constant_marker(table: pd.DataFrame, response: str) -> str:
+    """The grey note after a response that barely varies: its shares and effects are noise-sized."""
+    cv = variation_coefficient(table, response)
+    return f" (practically constant: CV {100 * cv:.2g} %)" if cv is not None and cv < CONSTANT_CV else ""
 
 
 def configuration_label(levels: dict, factors: list[str]) -> str:

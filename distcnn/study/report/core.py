@@ -11,19 +11,20 @@ OPTIONAL, each written when it applies to the study.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from distcnn import summary as declared
 from distcnn.errors import UsageError
-from distcnn.record import ENVIRONMENT, read_object, read_series, write_atomic
+from distcnn.record import read_series, write_atomic
 from distcnn.study import plots
 from distcnn.study.analysis import analyse_responses
 from distcnn.study.document import FILES, Heading, Image, Table, Text, to_html, to_markdown
-from distcnn.study.report import augmentation
-from distcnn.study.report.common import (ACCURACY, ALPHA, Section, Study, configuration_label, load_study, number,
-                                         numeric, plain)
+from distcnn.study.report import augmentation, provenance, runs, tables
+from distcnn.study.report.common import (ACCURACY, ALPHA, Section, Study, configuration_label, load_study, numeric,
+                                         practically_constant, response_label, response_scale)
 from distcnn.study.store import DATABASE, option_name
 from distcnn.units import duration
 
@@ -74,83 +75,19 @@ def overview(study: Study) -> list:
         f"distcnn analyze {study.directory} prints the same analysis.")]
 
 
-def _cell_mean(mean: dict, response: str, runs: int) -> str:
-    text = number(mean["mean"], declared.unit(response))
-    if mean["ci"]:
-        text += f" ± {number((mean['ci'][1] - mean['ci'][0]) / 2, declared.unit(response))}"
-    return text + (f" (n={mean['n']})" if mean["n"] != runs else "")
-
-
-def means_section(study: Study, analysed: dict) -> list:
-    runs = study.labels.value_counts()
-    by_label = {response: {configuration_label(mean["levels"], study.factors): mean for mean in entry["means"]}
-                for response, entry in analysed.items()}
-    rows = []
-    for label in study.configurations:
-        levels = study.table[study.labels == label].iloc[0]
-        rows.append([str(levels[name]) for name in study.factors] + [str(runs[label])] +
-                    [_cell_mean(by_label[r][label], r, runs[label]) if label in by_label[r] else "n/a"
-                     for r in analysed])
-    return [Heading("Means per configuration"), Text(
-        f"Mean of each response per configuration ± the half-width of its {100 * (1 - ALPHA):g}% confidence "
-        f"interval (from its replicates; n when fewer runs than the configuration's have a value)."),
-        Table([*study.factors, "runs", *analysed], rows)]
-
-
-def _effect_cells(entry: dict) -> dict[str, str]:
-    """term -> 'effect [CI]' (2^k r), or 'factor = level' -> deviation from the grand mean (ANOVA)."""
-    cells, ci = {}, entry["ci"] or {}
-    for term, effect in entry["effects"].items():
-        if isinstance(effect, dict):
-            cells |= {f"{term} = {level}": f"{value:+.4g}" for level, value in effect.items()}
-        else:
-            interval = ci.get(term)
-            cells[term] = f"{effect:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
-    return cells
-
-
-def variation_section(analysed: dict, skipped: list[str]) -> list:
-    blocks = [Heading("Allocation of variation"), Text(
-        "Share of the total variation (sum of squares) of each response that each factor and interaction "
-        "explains, in %; error is the variation between replicates that no factor explains. The largest share "
-        "of each response is in bold.")]
-    blocks += [Text(line) for line in skipped]
-    if not analysed:
-        return blocks + [Text("No response could be analysed.")]
-    terms = list(next(iter(analysed.values()))["variation_percent"])
-    rows, bold = [[term] for term in terms], set()
-    for column, entry in enumerate(analysed.values(), start=1):
-        shares = entry["variation_percent"]
-        for row, term in enumerate(terms):
-            rows[row].append(number(shares.get(term), "%"))
-        present = [value for value in shares.values() if value is not None]
-        bold |= {(row, column) for row, term in enumerate(terms) if present and shares.get(term) == max(present)}
-    blocks.append(Table(["term", *analysed], rows, bold))
-    if any(entry["variation_percent"].get("error") is None for entry in analysed.values()):
-        blocks.append(Text("Without replicates there is no error term: the highest interaction also holds the "
-                           "noise, and there are no confidence intervals."))
-    notes = {entry["note"] for entry in analysed.values() if entry.get("note")}
-    blocks += [Text(f"Note: {note}") for note in sorted(notes)]
-    blocks += [Text(f"{response}: every run measured the same value; there is no variation to allocate.")
-               for response, entry in analysed.items() if all(v is None for v in entry["variation_percent"].values())]
-    cells = {response: _effect_cells(entry) for response, entry in analysed.items()}
-    names = list(dict.fromkeys(name for column in cells.values() for name in column))
-    two_level = all(entry["design"] == "2k" for entry in analysed.values())
-    blocks += [Heading("Effects", 3), Text(
-        f"2^k r effects q: half the change of the response from the first level to the second, with the "
-        f"{100 * (1 - ALPHA):g}% confidence interval; an interval that contains 0 is no evidence of an effect."
-        if two_level else "Effects: each level's mean minus the grand mean (ANOVA, sum-to-zero)."),
-        Table(["effect", *analysed], [[name] + [cells[r].get(name, "") for r in analysed] for name in names])]
-    return blocks
-
-
 def effect_plots(study: Study, analysed: dict) -> list:
     if not analysed:
         return []
-    arguments = (study.table, study.factors, study.level_order, list(analysed), ALPHA)
+    scales = {name: (scale.label, scale.divisor) for name in analysed
+              for scale in [response_scale(study.table, name)]}
+    constant = {name for name in analysed if practically_constant(study.table, name)}
+    arguments = (study.table, study.factors, study.level_order, list(analysed), ALPHA, scales, constant)
     blocks = [Heading("Main effects"), Image("main_effects", plots.main_effects_figure(*arguments),
-                                               "Mean response at each level of each factor, with confidence "
-                                               "intervals from the pooled replicate error.")]
+                                               "Mean response at each level of each factor, in its unit, with "
+                                               "confidence intervals from the pooled replicate error; each y-axis "
+                                               f"spans at least ±{100 * plots.ANCHOR:g}% of the grand mean (dotted; "
+                                               "right-hand axis: % from it), so a tiny wobble is drawn flat; grey: "
+                                               "practically constant.")]
     interactions = plots.interactions_figure(*arguments)
     if interactions:
         blocks += [Heading("Interactions"), Image("interactions", interactions,
@@ -184,18 +121,21 @@ def pareto_section(study: Study) -> list:
     if not numeric(study.table, ACCURACY) or not costs:
         return blocks + [Text(f"No {ACCURACY} or cost figures recorded: nothing to compare.")]
     costs = costs[:2]
-    table = study.table.assign(**{name: pd.to_numeric(study.table[name], errors="coerce")
-                                  for name in (ACCURACY, *costs)})
+    scales = {name: response_scale(study.table, name) for name in (ACCURACY, *costs)}
+    table = study.table.assign(**{name: pd.to_numeric(study.table[name], errors="coerce") / scales[name].divisor
+                                  for name in (ACCURACY, *costs)})  # in the unit the axes and table say
     blocks.append(Image("pareto", plots.pareto_figure(table, study.labels, plots.colours(study.configurations),
-                                                      costs, ACCURACY),
+                                                      costs, ACCURACY, {name: response_label(study.table, name)
+                                                                        for name in (ACCURACY, *costs)}),
                         f"{ACCURACY} against cost; the dashed step line joins the configuration means that no "
                         f"other configuration beats on both cost and accuracy."))
     means = table.groupby(study.labels)[[ACCURACY, *costs]].mean()
     fronts = [{label for *_, label in plots.pareto_front(
         [(x, y, label) for label, (x, y) in means[[cost, ACCURACY]].dropna().iterrows()])} for cost in costs]
-    rows = [[label, *(number(means.loc[label, name], declared.unit(name)) for name in (ACCURACY, *costs)),
+    rows = [[label, *(replace(scales[name], divisor=1.0).text(means.loc[label, name]) for name in (ACCURACY, *costs)),
              *("✓" if label in front else "" for front in fronts)] for label in study.configurations]
-    return blocks + [Table(["configuration", f"mean {ACCURACY}", *(f"mean {cost}" for cost in costs),
+    return blocks + [Table(["configuration", *(f"mean {response_label(study.table, name)}"
+                                               for name in (ACCURACY, *costs)),
                             *(f"on the front by {cost}" for cost in costs)], rows)]
 
 
@@ -208,26 +148,16 @@ def failed_section(study: Study) -> list:
     return [Heading("Failed runs"), Table(["run", "configuration", "attempts", "error"], rows)]
 
 
-def environment_section(study: Study) -> list:
-    first = study.table.iloc[0]
-    path = study.run_dir(first) / ENVIRONMENT
-    blocks = [Heading("Environment")]
-    try:
-        environment = read_object(path, missing_ok=False)
-    except UsageError as error:
-        return blocks + [Text(f"{error}")]
-    return blocks + [Text(f"As recorded by run {first['run_id']} ({path})."),
-                     Table(["figure", "value"], [[key, plain(value)] for key, value in environment.items()])]
-
-
 # ---- the report --------------------------------------------------------------------------------------------
 
 def report_blocks(study: Study) -> list:
     analysed, skipped = analyse(study)
-    return [*overview(study), *means_section(study, analysed), *variation_section(analysed, skipped),
-            *effect_plots(study, analysed), *resources_section(study), *pareto_section(study),
+    return [*overview(study), *runs.runs_section(study), *tables.means_section(study, analysed),
+            *tables.variation_section(study, analysed, skipped), *effect_plots(study, analysed),
+            *runs.residuals_section(study, analysed), *runs.epochs_section(study), *runs.steps_section(study),
+            *resources_section(study), *pareto_section(study),
             *(block for section in OPTIONAL if section.applies(study) for block in section.blocks(study)),
-            *failed_section(study), *environment_section(study)]
+            *failed_section(study), *provenance.study_file_section(study), *provenance.environment_section(study)]
 
 
 def write_report(study_dir: str | Path) -> tuple[Path, Path]:
