@@ -111,12 +111,20 @@ def build_parser() -> Parser:
                          help="comma-separated numeric response columns (default for a study: its responses)")
     analyze.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals (default: 0.05)")
     analyze.add_argument("--json", action="store_true", help="print the result as JSON, and nothing else")
-    export = commands.add_parser("export", help="every run of a study as a CSV (or Parquet) table",
-                                 description="One row per run, failed and pending ones too: factors, status, "
-                                             "seed, time and every summary figure.")
-    export.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
+    export = commands.add_parser("export", help="a study as a CSV/Parquet table; a run or study into MLflow",
+                                 description="--csv/--parquet: one row per run of a study, failed and pending "
+                                             "ones too: factors, status, seed, time and every summary figure. "
+                                             "--mlflow: each finished run as an MLflow run (params, metrics per "
+                                             "epoch, artifacts); exporting again doubles nothing.")
+    export.add_argument("study_dir", metavar="DIR", help="a study directory (with study.db); for --mlflow also "
+                                                         "a run directory")
     export.add_argument("--csv", default=None, metavar="FILE", help="write the table as CSV")
     export.add_argument("--parquet", default=None, metavar="FILE", help="write the table as Parquet (needs pyarrow)")
+    export.add_argument("--mlflow", default=None, metavar="URI",
+                        help="log into this MLflow tracking store, e.g. sqlite:///mlflow.db (needs the extra: "
+                             "pip install 'distcnn[mlflow]')")
+    export.add_argument("--experiment", default=None, metavar="NAME",
+                        help="with --mlflow: the experiment (default: the study's name; for a run: distcnn)")
     report = commands.add_parser("report", help="write a study's report (report.html and report.md)")
     report.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
 

@@ -1,5 +1,6 @@
 """`distcnn export STUDY_DIR --csv FILE`: every run of a study as one flat table, for tools that do not read
-study.db (a spreadsheet, R, pandas elsewhere).
+study.db (a spreadsheet, R, pandas elsewhere). `--mlflow URI` logs a run or a study into an MLflow tracking store
+instead (or as well): distcnn.study.mlflow_export.
 
 Unlike the analysis table (finished runs only) this holds every run with its status, attempts and error, so a
 failed or pending run is visible too. Columns: run_id, the factors, the bookkeeping, the study's responses,
@@ -66,13 +67,21 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    if args.csv is None and args.parquet is None:
-        raise UsageError("distcnn export: give --csv FILE or --parquet FILE (or both)")
-    rows, columns = export_rows(args.study_dir)
-    if args.parquet is not None:
-        require_pyarrow()
-    for path, write in ((args.csv, write_csv), (args.parquet, write_parquet)):
-        if path is not None:
-            write(Path(path), rows, columns)
-            print(f"exported {len(rows)} runs, {len(columns)} columns: {path}")
+    mlflow = getattr(args, "mlflow", None)
+    if args.csv is None and args.parquet is None and mlflow is None:
+        raise UsageError("distcnn export: give --csv FILE or --parquet FILE (or both), or --mlflow URI")
+    if getattr(args, "experiment", None) is not None and mlflow is None:
+        raise UsageError("distcnn export: --experiment names an MLflow experiment; it goes with --mlflow URI")
+    if args.csv is not None or args.parquet is not None:
+        rows, columns = export_rows(args.study_dir)
+        if args.parquet is not None:
+            require_pyarrow()
+        for path, write in ((args.csv, write_csv), (args.parquet, write_parquet)):
+            if path is not None:
+                write(Path(path), rows, columns)
+                print(f"exported {len(rows)} runs, {len(columns)} columns: {path}")
+    if mlflow is not None:
+        from distcnn.study.mlflow_export import describe_export, export_to_mlflow
+
+        print(describe_export(export_to_mlflow(args.study_dir, mlflow, args.experiment), mlflow))
     return 0
