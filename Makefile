@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distcnn-installed
 STUDY ?=  # a study file; empty: the built-in cost study
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data slurm demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,13 +21,16 @@ $(STAMP): requirements.txt pyproject.toml
 data:
 	@bash scripts/ensure-fashion-mnist.sh
 
+slurm:  # Slurm + munge for the one-node test cluster (tests/slurm_cluster.py); root only
+	@bash scripts/ensure-slurm.sh
+
 demo: setup data
 	$(PY) -m distcnn study $(STUDY)
 
-test: setup data
+test: setup data slurm
 	$(PY) -m pytest -q
 
-test-fast: setup data
+test-fast: setup data slurm
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup data

@@ -100,6 +100,21 @@ def build_parser() -> Parser:
     study.add_argument("--out", default=None, help="study directory (default: runs/study-<name>)")
     study.add_argument("--retries", type=int, default=1, help="re-runs of a failed run (default: 1)")
     study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    study.add_argument("--status", action="store_true",
+                       help="show each run's state (and Slurm job id) and exit; runs nothing")
+    study.add_argument("--executor", choices=("local", "slurm"), default=None,
+                       help="local: runs on this machine (default); slurm: each run a Slurm job via submitit "
+                            "(overrides [study] executor)")
+    study.add_argument("--parallel", type=int, default=None, metavar="N",
+                       help="local: N runs at once, on disjoint GPUs or cores (default 1)")
+    slurm = study.add_argument_group("Slurm (--executor slurm; override the study file's [slurm] table)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", default=None, help="time limit per run: minutes or HH:MM:SS (default 60 min)")
+    slurm.add_argument("--gpus-per-node", type=int, default=None)
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node (one task per node)")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION=VALUE",
+                       help="any other sbatch option, e.g. --sbatch qos=high (repeatable)")
 
     analyze = commands.add_parser("analyze", help="allocation of variation / ANOVA of a study or a CSV table",
                                   description="Which factor explains how much of each response: 2^k r "
@@ -196,8 +211,15 @@ def command_study(args: argparse.Namespace) -> int:
 
     if args.retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {args.retries}")
-    spec = load_spec(args.file)
+    if args.parallel is not None and args.parallel < 1:
+        raise UsageError(f"--parallel must be 1 or more, got {args.parallel}")
+    spec = load_spec(args.file, execution_options(args))
     out = Path(args.out or f"runs/study-{spec.name}")
+    if args.status:
+        from distcnn.study.runner import status_lines
+
+        print("\n".join(status_lines(out)))
+        return 0
     runner = StudyRunner(spec, out, args.retries)
     try:
         runs = runner.run()
@@ -217,6 +239,21 @@ def command_study(args: argparse.Namespace) -> int:
         html, _ = write_report(out)
         print(f"report: {html}")
     return 0 if not failed else 1
+
+
+def execution_options(args: argparse.Namespace) -> dict:
+    """What the study's flags set over its file's [study] executor/parallel and [slurm] table."""
+    slurm = {name: value for name in ("partition", "time", "gpus_per_node", "cpus_per_task", "account")
+             if (value := getattr(args, name)) is not None}
+    extra = {}
+    for option in args.sbatch:
+        name, equals, value = option.partition("=")
+        if not equals or not name:
+            raise UsageError(f"--sbatch {option!r}: give OPTION=VALUE, e.g. --sbatch qos=high")
+        extra[name.removeprefix("--")] = value
+    if extra:
+        slurm["sbatch"] = extra
+    return {"executor": args.executor, "parallel": args.parallel, "slurm": slurm}
 
 
 def print_study_analysis(out, spec) -> None:

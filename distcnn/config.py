@@ -241,10 +241,14 @@ class TrainConfig(BaseModel):
 
 
 def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, and inside a Slurm job no more than the job's CPUs
+    on this node (a cluster without task pinning leaves the affinity at the whole machine)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    granted = os.environ.get("SLURM_CPUS_PER_TASK") if os.environ.get("SLURM_JOB_ID") else None
+    return min(cores, int(granted)) if granted and granted.isdigit() and int(granted) > 0 else cores
 
 
 def flag(field_name: str) -> str:

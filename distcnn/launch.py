@@ -38,14 +38,14 @@ def data_options(config: TrainConfig) -> tuple:
     return tuple(getattr(config, name) for name in DATA_OPTIONS)
 
 
-def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplits:
+def validate(config: TrainConfig, splits: DataSplits | None = None, on_this_machine: bool = True) -> DataSplits:
     """Check data, model, augmentation and parallelism before anything is written or started (`splits`: the
-    data already loaded for these data options, as a study checking many configurations passes it)."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    parallel.check_gpus(config)
-    speed.check(config.precision, config.compile, parallel.device_type(config.device))
-    if config.cluster == "emulated":
+    data already loaded for these data options, as a study checking many configurations passes it).
+    `on_this_machine=False`: the run will train elsewhere (a Slurm job), so this machine's GPUs, cores and
+    memory are not checked here; the job checks its own."""
+    if on_this_machine:
+        check_machine(config)
+    if config.cluster == "emulated" and on_this_machine:
         from distcnn import cluster
 
         cluster.ready_hosts(config.nnodes)  # root, iproute2 and enough hosts
@@ -56,11 +56,20 @@ def validate(config: TrainConfig, splits: DataSplits | None = None) -> DataSplit
     model = create_model(config.model, in_chans=splits.channels, num_classes=splits.num_classes, width=config.width)
     check_input_size(model, splits.channels, splits.image_size, config.model)
     get_strategy(config.strategy).validate(config, splits)
-    parallel.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
+    if on_this_machine:
+        parallel.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
     world = config.nproc_per_node * config.nnodes
     if len(splits.train) < 2 * world:
         raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
     return splits
+
+
+def check_machine(config: TrainConfig) -> None:
+    """What this machine must have for the run: the GPUs asked for, and precision/compile support."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    parallel.check_gpus(config)
+    speed.check(config.precision, config.compile, parallel.device_type(config.device))
 
 
 def config_from(options: dict) -> TrainConfig:

@@ -14,7 +14,9 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,33 @@ def lock_name(nnodes: int, cluster: str, node_rank: int | None) -> str:
 def mark_parent() -> None:
     """Processes started from here (torchrun's ranks, node agents) must die with this process."""
     os.environ[PARENT_ENV] = str(os.getpid())
+
+
+def die_with(pid: int) -> None:
+    """End this process when process `pid` (not its parent: a fork server started it) ends, for any reason:
+    a thread waits on the process's pidfd, which the kernel makes readable when it exits."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):  # gone already, or not Linux
+        if not _alive(pid):
+            os._exit(128 + signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(128 + signal.SIGKILL)
+
+    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def die_with_parent() -> None:

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import socket
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ TELEMETRY = "telemetry"
 TEXT_COLUMNS = {"phase", "host"}  # the series' columns that are not numbers
 
 HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
+# Set by a study that runs several runs at once (--parallel): where this run ran and beside which runs.
+PLACEMENT_ENV = "DISTCNN_PLACEMENT"
 
 
 def host_name() -> str:
@@ -150,7 +153,40 @@ def describe_environment(world_size: int, local_world_size: int, threads: int, d
         "device": device,
         "backend": backend,
         "gpu": gpu,
+        "cpu_model": cpu_model(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "placement": json.loads(os.environ[PLACEMENT_ENV]) if os.environ.get(PLACEMENT_ENV) else None,
+        "slurm_job_id": slurm_job_id(),
+        "git_commit": git_commit(),
     }
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job this run trained in, as sbatch and squeue name it: ARRAY_TASK for a task of an array."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), None where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def git_commit() -> str | None:
+    """The commit of the distcnn checkout that ran (None when installed from a package, or git is missing)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 # ---- reading a run directory (what the study runner, the report and `distcnn show` read) --------------------

@@ -27,3 +27,21 @@ def two_rank_run(tmp_path_factory):
 def report(study):
     """The report of the module's own `study` fixture, written into that study: (HTML, Markdown)."""
     return written_report(study)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm cluster (tests/slurm_cluster.py): `.env` (SLURM_CONF, PATH with the sacct test
+    stand-in first) to merge into the environment of whatever calls sbatch, `.partition`, `.conf_path`,
+    `.node`, `.cpus`, `.run(...)`. Skips with the reason where the machine cannot run Slurm; stops the
+    daemons and leftover jobs by pid at the end."""
+    from slurm_cluster import ClusterUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as reason:
+        pytest.skip(f"no one-node Slurm cluster: {reason}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

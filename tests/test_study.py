@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -139,11 +140,13 @@ def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_pa
         while time.monotonic() < deadline:  # wait until some runs are done and the next one is under way
             if (out / "study.db").exists():
                 try:
-                    statuses = [r["status"] for r in runs_in(out)]
+                    runs = runs_in(out)
                 except sqlite3.OperationalError:  # the study process has created the file, not yet its tables
-                    statuses = []
-                if statuses.count("done") >= 2 and "running" in statuses:
-                    time.sleep(1.0)
+                    runs = []
+                statuses = [r["status"] for r in runs]
+                # killed after the running run's first epoch: in the middle of a run, with a checkpoint
+                if statuses.count("done") >= 2 and any(r["status"] == "running" and r["run_dir"] and (
+                        Path(r["run_dir"]) / "epochs.csv").exists() for r in runs):
                     break
             time.sleep(0.2)
         else:

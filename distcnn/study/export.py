@@ -15,9 +15,9 @@ from pathlib import Path
 
 from distcnn.errors import UsageError
 from distcnn.record import write_atomic
-from distcnn.study.store import flatten_summary, open_study, option_name
+from distcnn.study.store import flatten_summary, open_study, option_name, runs_alongside
 
-BOOKKEEPING = ("replicate", "seed", "status", "attempts", "seconds", "error", "run_dir")
+BOOKKEEPING = ("replicate", "seed", "status", "attempts", "seconds", "error", "run_dir", "job_id", "job_state")
 
 
 def export_rows(study_dir: str | Path) -> tuple[list[dict], list[str]]:
@@ -34,8 +34,9 @@ def export_rows(study_dir: str | Path) -> tuple[list[dict], list[str]]:
         row = flatten_summary(run["summary"] or {})
         row.update({option_name(name): level for name, level in run["levels"].items()})
         row.update({"run_id": run["run_id"]} | {key: run[key] for key in BOOKKEEPING})
+        row["runs_alongside"] = runs_alongside(run)
         rows.append(row)
-    fixed = ["run_id", *factors, *BOOKKEEPING]
+    fixed = ["run_id", *factors, *BOOKKEEPING, "runs_alongside"]
     responses = [name for name in spec.get("responses", []) if name not in fixed]
     taken = set(fixed) | set(responses)
     rest = sorted({key for row in rows for key in row} - taken)

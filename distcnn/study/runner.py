@@ -54,6 +54,7 @@ class StudyRunner:
     def __init__(self, spec: StudySpec, out: Path, retries: int = 1):
         self.spec, self.out, self.retries = spec, Path(out), retries
         self.planned = plan_runs(spec)
+        self.durations: list[float] = []  # of the runs ended in this process: the time left
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory")
         created = not self.out.exists()
@@ -86,7 +87,9 @@ class StudyRunner:
             config = self.spec.run_config(levels, self.spec.seed, self.out / RUNS / "check", "check")
             key = launch.data_options(config)
             try:
-                loaded[key] = launch.validate(config, loaded.get(key))
+                # Slurm runs on other machines: what this one has (GPUs, cores) is no check of theirs.
+                loaded[key] = launch.validate(config, loaded.get(key),
+                                              on_this_machine=self.spec.executor == "local")
             except UsageError as error:
                 raise UsageError(f"configuration {describe(levels)}: {error}") from None
 
@@ -99,44 +102,88 @@ class StudyRunner:
         return [run for run in self.store.runs() if run["owner"] in (None, self.owner) and due(run)]
 
     def run(self) -> list[dict]:
-        total = len(self.planned)
-        durations: list[float] = []
-        while todo := self.pending():
-            for run in todo:
-                done = sum(r["status"] == "done" for r in self.store.runs())
-                mean = sum(durations) / len(durations) if durations else None
-                eta = f", about {duration(mean * (total - done))} left" if mean is not None else ""
-                say(f"── study {self.spec.name}: run {done + 1}/{total} {run['run_id']} {describe(run['levels'])} "
-                    f"seed {run['seed']}{eta}")
-                durations.append(self.run_one(run))
+        """Every pending run, by the study's executor: one after another here, several at once here
+        (--parallel N), or as Slurm jobs."""
+        if self.spec.executor == "slurm":
+            from distcnn.study.slurm_runs import SlurmRuns
+
+            SlurmRuns(self).run()
+        elif self.spec.parallel > 1:
+            from distcnn.study.side_by_side import SideBySide
+
+            SideBySide(self).run()
+        else:
+            while todo := self.pending():
+                for run in todo:
+                    self.run_one(run)
         return self.store.runs()
 
-    def run_one(self, run: dict) -> float:
+    def announce(self, run: dict, where: str = "") -> None:
+        """The line that starts a run: its place in the study, its configuration, and the time left."""
+        total = len(self.planned)
+        done = sum(r["status"] == "done" for r in self.store.runs())
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        left = mean * (total - done) / max(1, self.spec.parallel) if mean is not None else None
+        eta = f", about {duration(left)} left" if left is not None and self.spec.executor == "local" else ""
+        say(f"── study {self.spec.name}: run {done + 1}/{total} {run['run_id']} {describe(run['levels'])} "
+            f"seed {run['seed']}{where}{eta}")
+
+    def run_one(self, run: dict) -> None:
         config = self.config(run)
         if not self.store.claim(run["run_id"], Path(config.out), self.owner):
             say(f"   {run['run_id']} is done or taken by another runner; skipped")
-            return 0.0
+            return
+        self.announce(run)
         started = time.perf_counter()
         try:
             summary = launch.run(config)
         except (UsageError, WorkersFailed, TrainingDiverged, RunInterrupted) as error:
-            self.store.fail(run["run_id"], str(error), time.perf_counter() - started)
-            say(f"   {run['run_id']} failed: {error}")
-            return time.perf_counter() - started
+            self.record_failure(run, str(error), time.perf_counter() - started)
+            return
         except Exception as error:  # noqa: BLE001 — one broken run must not end the study
-            self.store.fail(run["run_id"], f"{type(error).__name__}: {error}", time.perf_counter() - started)
-            say(f"   {run['run_id']} failed: {type(error).__name__}: {error}")
-            return time.perf_counter() - started
-        seconds = time.perf_counter() - started
+            self.record_failure(run, f"{type(error).__name__}: {error}", time.perf_counter() - started)
+            return
+        self.record(run, summary, time.perf_counter() - started)
+
+    def record(self, run: dict, summary: dict | None, seconds: float) -> None:
+        """A run that ended: done with its summary, once (or failed, when no summary reached this machine)."""
+        self.durations.append(seconds)
         if summary is None:
             self.store.fail(run["run_id"], "no summary on this machine (another node holds rank 0)", seconds)
-        else:
-            self.store.finish(run["run_id"], summary, seconds)
-            figures = ", ".join(f"{r} {summary.get(r):.4g}" for r in self.spec.responses
-                                if isinstance(summary.get(r), (int, float)))
-            say(f"   {run['run_id']} done in {seconds:.0f} s: {figures}")
-        return seconds
+            return
+        self.store.finish(run["run_id"], summary, seconds)
+        figures = ", ".join(f"{r} {summary.get(r):.4g}" for r in self.spec.responses
+                            if isinstance(summary.get(r), (int, float)))
+        say(f"   {run['run_id']} done in {seconds:.0f} s: {figures}")
+
+    def record_failure(self, run: dict, error: str, seconds: float) -> None:
+        self.durations.append(seconds)
+        self.store.fail(run["run_id"], error, seconds)
+        say(f"   {run['run_id']} failed: {error}")
 
     def close(self) -> None:
         self.store.close()
         self.lock.release()
+
+
+def status_lines(out: Path) -> list[str]:
+    """`distcnn study FILE --status`: each run's state, attempts, Slurm job (id and state) and error."""
+    from distcnn.study.store import open_study
+
+    store = open_study(out)
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    counts = {status: sum(run["status"] == status for run in runs) for status in ("done", "running", "failed")}
+    lines = [f"{out}: {len(runs)} runs, " + ", ".join(f"{n} {status}" for status, n in counts.items())
+             + f", {len(runs) - sum(counts.values())} pending"]
+    lines.append(f"{'run':<8} {'status':<8} {'tries':>5}  {'job':<12} {'job state':<11} configuration")
+    for run in runs:
+        job = run["job_id"] or "-"
+        line = (f"{run['run_id']:<8} {run['status']:<8} {run['attempts']:>5}  {job:<12} "
+                f"{run['job_state'] or '-':<11} {describe(run['levels'])} seed {run['seed']}")
+        if run["status"] == "failed" and run["error"]:
+            line += f"\n{'':<8} {run['error']}"
+        lines.append(line)
+    return lines

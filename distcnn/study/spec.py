@@ -9,6 +9,8 @@
     replicates = 3               # repeats with different seeds
     responses = ["test_accuracy", "cpu_percent_mean"]
     design = "full"              # or "2k": two levels per factor, signs -/+ by order
+    executor = "local"           # or "slurm": each run a Slurm job (the [slurm] table: distcnn/study/slurm.py)
+    parallel = 1                 # local: runs at once on this machine, on disjoint GPUs or cores
 
 Everything is checked here, before anything runs; a mistake is one line naming the option.
 """
@@ -24,10 +26,12 @@ from typing import Any
 
 from distcnn.config import TrainConfig, check_name, flag, make_config, slug
 from distcnn.errors import UsageError, nearest
+from distcnn.study import slurm
 from distcnn.study.store import KNOWN_RESPONSES, is_known_response
 
-SECTIONS = ("base", "factors", "study")
-STUDY_KEYS = ("replicates", "responses", "design", "seed", "name")
+SECTIONS = ("base", "factors", "study", "slurm")
+STUDY_KEYS = ("replicates", "responses", "design", "seed", "name", "executor", "parallel")
+EXECUTORS = ("local", "slurm")
 DESIGNS = ("full", "2k")
 SET_BY_THE_STUDY = ("out", "resume", "name", "seed")  # each run's directory, name and replicate seed
 DEFAULT_RESPONSES = ["test_accuracy", "train_seconds", "cpu_percent_mean", "mem_percent_mean",
@@ -43,6 +47,11 @@ class StudySpec:
     responses: list[str] = field(default_factory=lambda: list(DEFAULT_RESPONSES))
     design: str = "full"
     seed: int = 0
+    # How the runs are executed, not what they compute: not part of the study's identity (as_dict), so a study
+    # started here can go on through Slurm, or with more runs at once.
+    executor: str = "local"
+    parallel: int = 1
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def configurations(self) -> list[dict[str, Any]]:
         """Every combination of factor levels, in the order of the factors and of their levels."""
@@ -50,7 +59,12 @@ class StudySpec:
         return [dict(zip(names, levels)) for levels in itertools.product(*self.factors.values())]
 
     def run_config(self, levels: dict[str, Any], seed: int, out: Path, name: str) -> TrainConfig:
-        return make_config(self.base | levels | {"seed": seed, "out": str(out), "name": name, "resume": True})
+        return make_config(self.options(levels) | {"seed": seed, "out": str(out), "name": name, "resume": True})
+
+    def options(self, levels: dict[str, Any]) -> dict[str, Any]:
+        """A configuration's run options; under Slurm a multi-node run meets at its job's first node."""
+        options = self.base | levels
+        return slurm.with_endpoint(options) if self.executor == "slurm" else options
 
     def as_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "factors": self.factors, "replicates": self.replicates,
@@ -61,10 +75,11 @@ def default_study_text() -> str:
     return resources.files("distcnn.study").joinpath("default.toml").read_text(encoding="utf-8")
 
 
-def load_spec(path: str | Path | None) -> StudySpec:
-    """The study in FILE, or the built-in default study when no file is given."""
+def load_spec(path: str | Path | None, execution: dict | None = None) -> StudySpec:
+    """The study in FILE, or the built-in default study when no file is given. `execution`: what the command
+    line sets over the file's [study] executor/parallel and [slurm] (keys executor, parallel, slurm)."""
     if path is None:
-        return parse_spec(default_study_text(), "default")
+        return parse_spec(default_study_text(), "default", execution=execution)
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"study file {path} is a directory; give a .toml file")
@@ -79,7 +94,7 @@ def load_spec(path: str | Path | None) -> StudySpec:
                          f"(byte 0x{error.object[error.start]:02x} at position {error.start})") from None
     except OSError as error:
         raise UsageError(f"study file {path} cannot be read: {error.strerror or error}") from None
-    return parse_spec(text, default_name(path), source=f"study file {path}")
+    return parse_spec(text, default_name(path), source=f"study file {path}", execution=execution)
 
 
 def default_name(path: Path) -> str:
@@ -102,7 +117,7 @@ def _option_name(key: str, where: str) -> str:
     return name
 
 
-def parse_spec(text: str, default_name: str, source: str = "the study") -> StudySpec:
+def parse_spec(text: str, default_name: str, source: str = "the study", execution: dict | None = None) -> StudySpec:
     """`source` names where `text` came from in an error line (`study file X`)."""
     try:
         document = tomllib.loads(text)
@@ -132,6 +147,7 @@ def parse_spec(text: str, default_name: str, source: str = "the study") -> Study
     for key in study:
         if key not in STUDY_KEYS:
             raise UsageError(f"[study]: unknown key {key!r}{nearest(key, STUDY_KEYS)} (allowed: {', '.join(STUDY_KEYS)})")
+    execution = execution or {}
     spec = StudySpec(
         name=_name(study.get("name", default_name), source),
         base=base,
@@ -140,15 +156,29 @@ def parse_spec(text: str, default_name: str, source: str = "the study") -> Study
         responses=_responses(study.get("responses", DEFAULT_RESPONSES)),
         design=_design(study.get("design", "full")),
         seed=_int(study.get("seed", 0), "seed"),
+        executor=_executor(execution.get("executor") or study.get("executor", "local")),
+        parallel=_positive_int(execution.get("parallel") or study.get("parallel", 1), "parallel"),
+        slurm=slurm.parse_options(document.get("slurm", {})) | slurm.parse_options(execution.get("slurm", {}),
+                                                                                  "slurm option"),
     )
+    if spec.executor == "slurm" and spec.parallel > 1:
+        raise UsageError("parallel is for the local executor; under Slurm every run is a job of its own and "
+                         "the cluster runs as many at once as it has room for")
     if spec.design == "2k":
         for name, levels in factors.items():
             if len(levels) != 2:
                 raise UsageError(f"design \"2k\" needs two levels per factor; {flag(name)[2:]} has {len(levels)}: "
                                  f"{levels}")
     for levels in spec.configurations():  # every option value checked before anything runs
-        make_config(spec.base | levels)
+        make_config(spec.options(levels))
     return spec
+
+
+def _executor(value) -> str:
+    if value not in EXECUTORS:
+        raise UsageError(f"[study] executor {value!r} is not one of {', '.join(EXECUTORS)}"
+                         f"{nearest(str(value), EXECUTORS)}")
+    return value
 
 
 def _name(value, source: str) -> str:

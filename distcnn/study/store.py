@@ -71,7 +71,10 @@ CREATE TABLE IF NOT EXISTS runs (
     run_dir TEXT,
     error TEXT,
     summary TEXT,
-    owner TEXT
+    owner TEXT,
+    job_id TEXT,
+    job_state TEXT,
+    placement TEXT
 );
 """
 
@@ -85,8 +88,9 @@ class StudyStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        if "owner" not in columns:  # a study.db written before runs were claimed
-            self.db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+        for column in ("owner", "job_id", "job_state", "placement"):  # a study.db written before they existed
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -126,8 +130,36 @@ class StudyStore:
         """Take a run to train it, in one transaction: False when it is done or another runner holds it, so no
         two processes ever train the same run."""
         return self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, "
-                           "run_dir = ?, error = NULL, owner = ? WHERE run_id = ? AND status != 'done' "
+                           "run_dir = ?, error = NULL, owner = ?, job_id = NULL, job_state = NULL WHERE run_id = ? AND status != 'done' "
                            "AND owner IS NULL", (time.time(), str(run_dir), owner, run_id)) == 1
+
+    def unclaim(self, run_ids: list[str]) -> None:
+        """Runs claimed for a submission that Slurm refused: pending again, the attempt not counted."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("UPDATE runs SET status = 'pending', attempts = attempts - 1, owner = NULL "
+                                "WHERE run_id = ? AND status = 'running'", [(run_id,) for run_id in run_ids])
+
+    def adopt(self, run_id: str, owner: str) -> bool:
+        """Take over a run whose Slurm job was submitted by a study process that is gone: its job goes on, and
+        this process records it (nothing is submitted again)."""
+        return self._write("UPDATE runs SET owner = ? WHERE run_id = ? AND status = 'running' AND owner IS NULL "
+                           "AND job_id IS NOT NULL", (owner, run_id)) == 1
+
+    def set_jobs(self, jobs: dict[str, str]) -> None:
+        """The Slurm job id of each run just submitted, in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("UPDATE runs SET job_id = ?, job_state = 'SUBMITTED' WHERE run_id = ?",
+                                [(job_id, run_id) for run_id, job_id in jobs.items()])
+
+    def set_job_state(self, run_id: str, state: str) -> None:
+        self._write("UPDATE runs SET job_state = ? WHERE run_id = ?", (state, run_id))
+
+    def set_placement(self, run_id: str, placement: dict) -> None:
+        """Where the run ran, and beside which runs: figures of runs that shared a machine are not comparable
+        to those of runs that ran alone."""
+        self._write("UPDATE runs SET placement = ? WHERE run_id = ?", (json.dumps(placement), run_id))
 
     def finish(self, run_id: str, summary: dict, seconds: float) -> bool:
         """Mark done with its summary — once: False when it was already done."""
@@ -148,6 +180,7 @@ def _as_dict(row: sqlite3.Row) -> dict:
     record = dict(row)
     record["levels"] = json.loads(record["levels"])
     record["summary"] = json.loads(record["summary"]) if record["summary"] else None
+    record["placement"] = json.loads(record["placement"]) if record.get("placement") else None
     return record
 
 
@@ -155,6 +188,11 @@ def option_name(field_name: str) -> str:
     """A factor as people write it (`train-subset`: its flag without the dashes), in the table, the analysis
     and the report."""
     return flag(field_name).removeprefix("--")
+
+
+def runs_alongside(run: dict) -> int:
+    """How many other runs shared the machine with this one (--parallel); 0: it ran alone."""
+    return len((run.get("placement") or {}).get("alongside", []))
 
 
 def open_study(study_dir: str | Path) -> StudyStore:
@@ -177,7 +215,8 @@ def load_runs_table(study_dir: str | Path) -> tuple[list[dict], dict[str, list]]
             row = flatten_summary(run["summary"] or {})
             row.update({option_name(name): level for name, level in run["levels"].items()})
             row.update(run_id=run["run_id"], replicate=run["replicate"], seed=run["seed"],
-                       run_dir=run["run_dir"], run_seconds=run["seconds"])
+                       run_dir=run["run_dir"], run_seconds=run["seconds"],
+                       runs_alongside=runs_alongside(run))
             rows.append(row)
         return rows, {option_name(name): levels for name, levels in spec.get("factors", {}).items()}
     finally:

@@ -1,0 +1,131 @@
+"""The study process's side of `--executor slurm`: submit the pending runs (a job array per set of runs that
+share their resources), keep each job id in study.db at once, watch the jobs, and record each run when its job
+ends: done with the summary its job wrote into the run directory, or failed with Slurm's state and the log's
+last lines (retried up to --retries times, as a failed local run is).
+
+A study process that was killed and is started again re-attaches to the jobs it finds in study.db instead of
+submitting them again; the jobs ran on without it. A job submitted twice for one run (the study was killed in
+the moment between sbatch and recording its id) is refused by the run directory's lock, not trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from distcnn.console import say
+from distcnn.errors import TrainingDiverged, UsageError
+from distcnn.study import job as run_job
+from distcnn.study import slurm
+
+
+class SlurmRuns:
+    def __init__(self, runner):
+        slurm.check_available()
+        import submitit
+
+        self.submitit = submitit
+        self.runner, self.store, self.spec = runner, runner.store, runner.spec
+        self.folder = slurm.folder(runner.out)
+        self.poll = float(self.spec.slurm.get("poll_seconds", slurm.DEFAULT_POLL_SECONDS))
+        self.active: dict[str, dict] = {}  # run_id -> its job, run and when it was submitted (or adopted)
+
+    def run(self) -> None:
+        while todo := self.runner.pending():
+            self.attach([run for run in todo if run["status"] == "running" and run["job_id"]])
+            self.submit([run for run in todo if not (run["status"] == "running" and run["job_id"])])
+            while self.active:
+                time.sleep(self.poll)
+                self.check()
+
+    # ---- submitting and re-attaching ---------------------------------------------------------------------
+
+    def attach(self, runs: list[dict]) -> None:
+        """Jobs a previous study process submitted: watched again, never submitted again."""
+        for run in runs:
+            if not self.store.adopt(run["run_id"], self.runner.owner):
+                continue
+            config = self.runner.config(run)
+            job = self.submitit.SlurmJob(folder=self.folder, job_id=run["job_id"],
+                                         tasks=tuple(range(config.nnodes)))
+            say(f"   {run['run_id']}: re-attached to Slurm job {run['job_id']} ({run['job_state'] or 'submitted'})")
+            self.active[run["run_id"]] = {"run": run, "job": job, "since": time.perf_counter(),
+                                          "state": run["job_state"]}
+
+    def submit(self, runs: list[dict]) -> None:
+        """Claim the runs, submit them (one array per set of runs with the same resources), record the ids."""
+        groups: dict[str, list[tuple[dict, dict]]] = {}
+        for run in runs:
+            config = self.runner.config(run)
+            if not self.store.claim(run["run_id"], Path(config.out), self.runner.owner):
+                say(f"   {run['run_id']} is done or taken by another runner; skipped")
+                continue
+            parameters = slurm.job_parameters(self.spec.slurm, config, f"distcnn-{self.spec.name}")
+            key = json.dumps(parameters, sort_keys=True)
+            groups.setdefault(key, []).append((run, config.model_dump(mode="json")))
+        for key, members in groups.items():
+            executor = self.submitit.SlurmExecutor(folder=self.folder, max_num_timeout=0)
+            executor.update_parameters(**json.loads(key))
+            try:
+                if len(members) == 1:
+                    jobs = [executor.submit(run_job.run, members[0][1])]
+                else:
+                    with executor.batch():
+                        jobs = [executor.submit(run_job.run, options) for _, options in members]
+            except Exception as error:  # noqa: BLE001 — sbatch refused: a partition, account or limit
+                self.store.unclaim([run["run_id"] for run, _ in members])
+                raise UsageError(f"sbatch refused the study's jobs: {_first_line(error)}") from None
+            self.store.set_jobs({run["run_id"]: job.job_id for (run, _), job in zip(members, jobs)})
+            array = f" (job array {jobs[0].job_id.split('_')[0]})" if len(jobs) > 1 else ""
+            say(f"── study {self.spec.name}: submitted {len(jobs)} run(s) to Slurm{array}: "
+                + ", ".join(f"{run['run_id']}={job.job_id}" for (run, _), job in zip(members, jobs)))
+            for (run, _), job in zip(members, jobs):
+                self.active[run["run_id"]] = {"run": run, "job": job, "since": time.perf_counter(),
+                                              "state": "SUBMITTED"}
+
+    # ---- watching ------------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """One sacct call for every job, then each job that ended is recorded."""
+        self.submitit.SlurmJob.watcher.update()
+        for run_id, active in list(self.active.items()):
+            job = active["job"]
+            state = job.watcher.get_state(job.job_id, mode="cache")
+            if state != active["state"]:
+                active["state"] = state
+                self.store.set_job_state(run_id, state)
+            if job.done():
+                del self.active[run_id]
+                self.end(active, state)
+
+    def end(self, active: dict, state: str) -> None:
+        run, job = active["run"], active["job"]
+        seconds = time.perf_counter() - active["since"]
+        from distcnn import launch
+        from distcnn.record import RunRecord
+
+        config = self.runner.config(run)
+        record = RunRecord(config.out)
+        self.store.set_placement(run["run_id"], {"executor": "slurm", "job_id": job.job_id, "state": state})
+        if record.finished:
+            try:
+                self.runner.record(run, launch.finished_summary(config, record), seconds)
+            except TrainingDiverged as error:
+                self.runner.record_failure(run, str(error), seconds)
+            return
+        # The job's own error where its function raised (submitit pickled it), else the end of its log.
+        why = _first_line(job.exception()) if _has_result(job) else slurm.log_tail(job)
+        self.runner.record_failure(run, f"Slurm job {job.job_id} {state}: {why}", seconds)
+
+
+def _has_result(job) -> bool:
+    tasks = getattr(job, "_sub_jobs", None) or [job]
+    return any(task.paths.result_pickle.exists() for task in tasks)
+
+
+def _first_line(error) -> str:
+    """The line of a job's error that says what went wrong (its exception's own line, not the traceback)."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    named = [line for line in lines if "Error:" in line or "error:" in line]
+    return (named or lines or ["no output"])[-1]

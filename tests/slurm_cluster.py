@@ -1,0 +1,346 @@
+"""A real one-node Slurm cluster for the tests (conftest's session fixture `slurm_cluster`), and its `sacct`
+stand-in.
+
+The cluster: slurmctld and slurmd (Debian's Slurm 22.05, installed by `make` through scripts/ensure-slurm.sh)
+and munged, started as children of the test process from a slurm.conf written into a temporary folder. The
+node is this host (`hostname -s`) with its CPUs (2 here), partition `debug`; the daemons listen on free ports
+picked at start, and keep their state, spool, logs and pid files in the temporary folder, so they never meet
+a system Slurm. Plugins: auth/munge (munged on its own key and socket in that folder), proctrack/linuxproc,
+task/none, select/cons_tres with CR_CPU (two 1-CPU jobs run side by side). SlurmUser is root, so the
+fixture needs root; it skips with the reason when not root, when a binary is missing, or when the node is
+not `idle` within START_TIMEOUT_S (the daemons' log tails are in the reason). At the end it cancels the
+cluster's jobs and stops its daemons and any process left over from them, by pid. Made fast for tests:
+batch jobs are scheduled on the controller's 1 s tick (batch_sched_delay=0), and KillWait=1, since a
+submitit job ignores SIGTERM and only dies at the SIGKILL that follows KillWait (30 s by default).
+
+The `sacct` stand-in (a TEST STAND-IN FOR SLURMDBD): without an accounting database, the real `sacct`
+fails; submitit then reads every job as UNKNOWN and waits forever for a job that died without writing its
+result. So the fixture puts its own `sacct` first on the PATH of `SlurmCluster.env`. It answers from the
+controller's memory (`squeue --states=all`, which still lists finished jobs for MinJobAge = 1 h) in sacct's
+format: `-o/--format` with the columns below, `-P/--parsable2`, `-p/--parsable`, `-n/--noheader`,
+`-j/--jobs` (repeatable, comma lists), `-X` (ignored: steps are never listed). Array tasks come out as
+`<id>_<task>`, a pending array rest as `<id>_[2-3]`, like sacct. States are Slurm's JobState (PENDING,
+RUNNING, COMPLETING, COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED, ...);
+unlike sacct, a cancelled job reads `CANCELLED`, not `CANCELLED by <uid>` (compare the first word). A job
+the controller does not know prints no line, as sacct does. On a real cluster, sacct answers itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT_S = 15.0
+PARTITION = "debug"
+DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey")
+CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
+# sacct column -> squeue --Format field (squeue -O), for the stand-in; ExitCode comes from scontrol
+SACCT_COLUMNS = {
+    "jobid": "JobArrayID", "jobidraw": "JobID", "jobname": "Name", "state": "State", "nodelist": "NodeList",
+    "partition": "Partition", "exitcode": None, "start": "StartTime", "end": "EndTime",
+    "elapsed": "TimeUsed", "submit": "SubmitTime", "user": "UserName", "alloccpus": "NumCPUs",
+    "nnodes": "NumNodes", "reason": "Reason", "workdir": "WorkDir",
+}
+
+
+class ClusterUnavailable(RuntimeError):
+    """The cluster cannot run here; the message says why (the fixture skips with it)."""
+
+
+@dataclass
+class SlurmCluster:
+    """A running one-node cluster. Merge `env` into the environment of whatever calls sbatch, squeue,
+    sacct, scancel (for submitit: monkeypatch.setenv each key, since it calls them with os.environ)."""
+
+    root: Path  # the temporary folder: slurm.conf, logs, state, spool, munge, bin/sacct
+    conf_path: Path
+    node: str
+    cpus: int
+    partition: str = PARTITION
+    env: dict[str, str] = field(default_factory=dict)  # SLURM_CONF, PATH (bin/sacct first)
+    pids: dict[str, int] = field(default_factory=dict)  # daemon name -> pid
+    _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+
+    def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a Slurm client command (`scontrol`, `squeue` ...) against this cluster; text output."""
+        return subprocess.run(list(args), env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def node_state(self) -> str:
+        result = self.run("sinfo", "--noheader", "--Node", "--format=%T", "--nodes", self.node, check=False)
+        return result.stdout.strip().lower()
+
+    def job_state(self, job_id: str) -> str:
+        """The job's state as the sacct stand-in (and submitit) reads it; "" when unknown."""
+        out = self.run("sacct", "-n", "-P", "-o", "JobID,State", "-j", str(job_id)).stdout
+        states = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+        return states.get(str(job_id), "")
+
+    def log_tails(self, lines: int = 15) -> str:
+        parts = []
+        for name in ("slurmctld", "slurmd", "munged"):
+            log = self.root / f"{name}.log"
+            text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+            parts.append(f"--- {name}.log\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Cancel every job, stop the daemons, then end whatever the cluster started that is still running
+        (slurmstepd, job tasks: any process whose environment names this slurm.conf), all by pid."""
+        if self.pids.get("slurmctld") and self._alive("slurmctld"):
+            self.run("scancel", "--partition", self.partition, check=False, timeout=10)
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                out = self.run("squeue", "--noheader", "--format=%i", check=False, timeout=10).stdout
+                if not out.strip():
+                    break
+                time.sleep(0.3)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = next((p for p in self._procs if p.pid == self.pids.get(name)), None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=8)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        for pid in _pids_with_env(f"SLURM_CONF={self.conf_path}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _alive(self, name: str) -> bool:
+        proc = next((p for p in self._procs if p.pid == self.pids.get(name)), None)
+        return proc is not None and proc.poll() is None
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes (not this one nor its ancestors) whose initial environment holds `marker`."""
+    spare = {os.getpid()}
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        spare.add(pid)
+    found, needle = [], marker.encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spare:
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() + b"\0":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 2048
+
+
+def _write_conf(root: Path, node: str, cpus: int, socket_path: Path) -> Path:
+    ctld_port, slurmd_port = _free_ports(2)
+    for sub in ("state", "spool"):
+        (root / sub).mkdir(exist_ok=True)
+    (root / "plugstack.conf").write_text("")  # none of the system's SPANK plugins
+    conf = root / "slurm.conf"
+    conf.write_text(f"""# one-node test cluster (tests/slurm_cluster.py)
+ClusterName=distcnn-test
+SlurmctldHost={node}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig={root}/plugstack.conf
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,batch_sched_delay=0,sched_min_interval=0
+MpiDefault=none
+SwitchType=switch/none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=3600
+KillWait=1
+InactiveLimit=0
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={max(256, _memory_mb() // 2)} State=UNKNOWN
+PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+""")
+    return conf
+
+
+def _write_sacct(root: Path) -> Path:
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "sacct"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" sacct "$@"\n')
+    script.chmod(0o755)
+    return bin_dir
+
+
+def start_cluster(root: Path, timeout: float = START_TIMEOUT_S) -> SlurmCluster:
+    """Start munged, slurmctld and slurmd from files under `root` and wait for the node to be idle.
+    Raises ClusterUnavailable (daemons stopped) when the cluster cannot run here."""
+    if os.geteuid() != 0:
+        raise ClusterUnavailable("the one-node Slurm cluster runs its daemons as root (SlurmUser=root); "
+                                 "run the tests as root")
+    paths = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in
+             DAEMONS + CLIENTS}
+    missing = sorted(name for name, path in paths.items() if not path)
+    if missing:
+        raise ClusterUnavailable(f"Slurm is not installed (missing {', '.join(missing)}); "
+                                 "run `make slurm` as root (apt-get install slurmctld slurmd slurm-client munge)")
+    root = Path(root).resolve()
+    node, cpus = socket.gethostname().split(".")[0], len(os.sched_getaffinity(0))
+    munge_dir = root / "munge"
+    if len(str(munge_dir)) > 80:  # unix socket paths are short
+        import tempfile
+        munge_dir = Path(tempfile.mkdtemp(prefix="munge-"))
+    munge_dir.mkdir(mode=0o700, exist_ok=True)
+    socket_path = munge_dir / "munge.socket"
+    conf = _write_conf(root, node, cpus, socket_path)
+    bin_dir = _write_sacct(root)
+    env = {"SLURM_CONF": str(conf), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cluster = SlurmCluster(root=root, conf_path=conf, node=node, cpus=cpus, env=env)
+    daemon_env = {**os.environ, **env}
+
+    def spawn(name: str, *args: str) -> None:
+        log = open(root / f"{name}.out", "ab")
+        proc = subprocess.Popen([paths[name], *args], env=daemon_env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        cluster._procs.append(proc)
+        cluster.pids[name] = proc.pid
+
+    try:
+        key = munge_dir / "munge.key"
+        subprocess.run([paths["mungekey"], "--create", "--keyfile", str(key)], check=True,
+                       capture_output=True, timeout=10)
+        spawn("munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
+              f"--log-file={root / 'munged.log'}", f"--pid-file={munge_dir / 'munged.pid'}",
+              f"--seed-file={munge_dir / 'munged.seed'}")
+        if not _wait(lambda: socket_path.exists() or _daemons_dead(cluster), 5) or _daemons_dead(cluster):
+            raise ClusterUnavailable("munged did not start")
+        spawn("slurmctld", "-D", "-c", "-i", "-f", str(conf))
+        spawn("slurmd", "-D", "-f", str(conf), "-N", node)
+        if not _wait(lambda: _daemons_dead(cluster) or cluster.node_state() == "idle", timeout):
+            raise ClusterUnavailable(f"the Slurm node did not reach idle within {timeout:.0f} s "
+                                     f"(state {cluster.node_state()!r})")
+        if _daemons_dead(cluster):
+            raise ClusterUnavailable(f"a Slurm daemon exited at start ({_daemons_dead(cluster)})")
+    except (ClusterUnavailable, OSError, subprocess.SubprocessError) as error:
+        tails = cluster.log_tails()
+        cluster.stop()
+        raise ClusterUnavailable(f"{error}\n{tails}") from error
+    return cluster
+
+
+def _daemons_dead(cluster: SlurmCluster) -> str:
+    return ", ".join(n for n in cluster.pids if not cluster._alive(n))
+
+
+def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def sacct(argv: list[str]) -> int:
+    """The stand-in: answer a sacct query from squeue (see the module docstring)."""
+    columns, jobs, header, trailing = ["JobID", "JobName", "Partition", "State", "ExitCode"], [], True, False
+    args = iter(argv)
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name in ("-o", "--format"):
+            columns = [c for c in (value or next(args, "")).split(",") if c]
+        elif name in ("-j", "--jobs"):
+            jobs += [j for j in (value or next(args, "")).split(",") if j]
+        elif name.startswith("-j") and len(name) > 2:
+            jobs += [j for j in name[2:].split(",") if j]
+        elif name in ("-P", "--parsable2"):
+            trailing = False
+        elif name in ("-p", "--parsable"):
+            trailing = True
+        elif name in ("-n", "--noheader"):
+            header = False
+    unknown = [c for c in columns if c.split("%")[0].lower() not in SACCT_COLUMNS]
+    if unknown:
+        print(f"sacct (test stand-in): unsupported column(s) {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    fields = [SACCT_COLUMNS[c.split("%")[0].lower()] for c in columns]
+    rows: list[list[str]] = []
+    # one query per job: squeue fails on the whole list when one id is unknown
+    for job in dict.fromkeys(j.split("_")[0].split(".")[0] for j in jobs) if jobs else [None]:
+        select = ["--jobs", job] if job else []
+        exit_codes = {}
+        if None in fields:  # squeue has no exit code; scontrol lists every array task of the job
+            out = subprocess.run(["scontrol", "show", "job", "-o", *(select[1:])], capture_output=True,
+                                 text=True).stdout
+            exit_codes = dict(re.findall(r"^JobId=(\d+) .*?\bExitCode=(\S+)", out, re.M))
+        # the raw job id rides last, to look up the exit code
+        spec = ",".join(f"{f or 'JobID'}:|" for f in fields) + ",JobID:|"
+        result = subprocess.run(["squeue", "--noheader", "--states=all", "-O", spec, *select],
+                                capture_output=True, text=True)
+        for line in result.stdout.splitlines() if result.returncode == 0 else []:
+            values = [v.strip() for v in line.split("|")][: len(fields) + 1]
+            raw_id = values.pop()
+            values = [exit_codes.get(raw_id, "") if f is None else v for f, v in zip(fields, values)]
+            if values not in rows:
+                rows.append(values)
+    end = "|" if trailing else ""
+    if header:
+        print("|".join(columns) + end)
+    for values in rows:
+        print("|".join(values) + end)
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sacct"]:
+    sys.exit(sacct(sys.argv[2:]))
