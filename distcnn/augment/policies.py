@@ -91,7 +91,7 @@ def flip_crop() -> tuple[Slot, ...]:
 
 @register_policy
 def paper() -> tuple[Slot, ...]:
-    """The cost study's recipe (DESIGN.md): rotation +-5 deg, shear angle up to 0.2 rad in x, translation
+    """The cost study's recipe: rotation +-5 deg, shear angle up to 0.2 rad in x, translation
     +-5 %, resized crop to 80-100 % of the area (aspect 3/4..4/3), horizontal flip p=0.5, then brightness,
     contrast, saturation factors in [0.8, 1.2] (saturation only on 3 channels)."""
     return each(

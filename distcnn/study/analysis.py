@@ -1,7 +1,8 @@
 """`distcnn analyze SOURCE`: how much of each response's variation each factor and each interaction explains.
 
 Every factor at two levels, every configuration run equally often: the 2^k r allocation of variation from the
-sign table, straight from the formulas in DESIGN.md (Jain, ch. 17-18), with confidence intervals of the effects.
+sign table, straight from the formulas of Jain (The Art of Computer Systems Performance Analysis, ch. 17-18),
+with confidence intervals of the effects.
 A factor with more levels, or a two-level design that is unbalanced or incomplete: a sum-to-zero ANOVA from
 statsmodels, reported as the same shares of the total sum of squares. SOURCE is a study directory or a CSV or
 Parquet table with one row per run, so measurements made elsewhere can be analysed the same way.
