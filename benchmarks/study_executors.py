@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--model", default="simplecnn")
+    parser.add_argument("--no-slurm", action="store_true", help="only the two local rows")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-executors-"))
     spec = folder / "study.toml"
@@ -67,6 +68,8 @@ def main() -> None:
         from slurm_cluster import ClusterUnavailable, start_cluster
     except ImportError as error:
         start_cluster, reason = None, str(error)
+    if args.no_slurm:
+        start_cluster, reason = None, "left out (--no-slurm)"
     cluster = None
     if start_cluster is not None:
         try:

@@ -64,6 +64,10 @@ class StudyRunner:
             raise filesystem_problem(error, "--out: cannot create the study directory") from None
         self.lock = DirectoryLock(self.out, "study").acquire()
         self.owner = f"{host_name()}:{os.getpid()}"
+        if spec.executor == "local" and spec.parallel > 1:
+            from distcnn.study.side_by_side import start_fork_server
+
+            start_fork_server()  # its imports overlap the checks below
         try:
             self.check_configurations()
             self.store = StudyStore(self.out / DATABASE)

@@ -26,6 +26,18 @@ POLL_SECONDS = 0.2
 LOGS = "logs"  # STUDY_DIR/logs/<run_id>.log: what each run's process printed
 
 
+def start_fork_server():
+    """Each run's process forks from a server that imports distcnn and torch once (a fresh interpreter per
+    run would import them again, seconds each) and never runs torch itself, so forking it is safe. Started
+    early (the study calls this before it checks its configurations), the server imports meanwhile."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["distcnn.study.job"])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # spawns the server and returns; its imports run beside this process
+    return context
+
+
 def plan_slots(count: int, gpus: bool) -> list[dict]:
     """`count` disjoint shares of this machine: cores (all of them, split evenly) and, for GPU runs, GPUs."""
     cores = sorted(os.sched_getaffinity(0))
@@ -56,10 +68,7 @@ class SideBySide:
         self.slots = plan_slots(runner.spec.parallel, uses_gpu)
         self.logs = Path(runner.out) / LOGS
         self.active: dict[str, dict] = {}  # run_id -> its process, slot, start, log and the runs beside it
-        # Each run's process forks from a server that imported distcnn and torch once (a fresh interpreter
-        # per run would import them again, seconds each), and that never ran torch: safe to fork.
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["distcnn.study.job"])
+        self.context = start_fork_server()
 
     def run(self) -> None:
         self.logs.mkdir(exist_ok=True)
