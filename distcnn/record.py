@@ -169,10 +169,11 @@ def slurm_job_id() -> str | None:
 
 
 def cpu_model() -> str | None:
-    """The CPU's model name (Linux: /proc/cpuinfo), None where it cannot be read."""
+    """The CPU's model name as this machine reports it (Linux /proc/cpuinfo: x86's model name, or an ARM
+    board's hardware / cpu model), else platform's; None where neither says."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -180,13 +181,19 @@ def cpu_model() -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the distcnn checkout that ran (None when installed from a package, or git is missing)."""
+    """The commit of the distcnn source tree that runs, with `+ uncommitted changes` when its tracked files
+    differ from it; None when installed from a package, or git is missing."""
+    where = Path(__file__).resolve().parent
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5)
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no", "--",
+                                str(where)], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
+    return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 # ---- reading a run directory (what the study runner, the report and `distcnn show` read) --------------------

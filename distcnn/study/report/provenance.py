@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
 from distcnn.errors import UsageError
-from distcnn.record import ENVIRONMENT, read_object
+from distcnn.record import ENVIRONMENT, cpu_model, git_commit, read_object
 from distcnn.study.document import Code, Heading, Table, Text
 from distcnn.study.report.common import Study, plain
 from distcnn.study.store import option_name
@@ -63,32 +62,6 @@ def study_file_section(study: Study) -> list:
 
 # ---- the environment ---------------------------------------------------------------------------------------
 
-def cpu_model() -> str | None:
-    """The CPU's model name as this machine reports it (Linux /proc/cpuinfo, else platform)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")) and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def git_commit() -> str | None:
-    """The commit of the distcnn source tree (with `+ changes` when it differs from it); None outside git."""
-    where = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no", "--",
-                                str(where.parent.parent)], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-
-
 def _environments(study: Study) -> dict[str, tuple[Path, dict]]:
     found = {}
     for _, row in study.table.iterrows():
@@ -101,10 +74,6 @@ def _environments(study: Study) -> dict[str, tuple[Path, dict]]:
     return found
 
 
-def _first(environment: dict, *keys: str):
-    return next((environment[key] for key in keys if environment.get(key)), None)
-
-
 def environment_section(study: Study) -> list:
     blocks = [Heading("Environment")]
     environments = _environments(study)
@@ -113,9 +82,9 @@ def environment_section(study: Study) -> list:
         return blocks + [Text(f"No run recorded its environment (e.g. {path} is missing or unreadable).")]
     first_id, (path, environment) = next(iter(environments.items()))
     rows = [[key, plain(value)] for key, value in environment.items()]
-    commit = _first(environment, "git_commit", "commit", "git")
+    commit = environment.get("git_commit")
     rows.insert(0, ["git commit", plain(commit) if commit else (git_commit() or "unavailable") + AT_REPORT_TIME])
-    model = _first(environment, "cpu_model", "cpu")
+    model = environment.get("cpu_model")
     rows.insert(1, ["CPU model", plain(model) if model else
                     f"{cpu_model() or 'unavailable'}{AT_REPORT_TIME}, on {platform.node()}"])
     for name in ANALYSIS_LIBRARIES:
