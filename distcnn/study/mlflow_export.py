@@ -30,14 +30,13 @@ from typing import Any
 
 from distcnn.errors import UsageError
 from distcnn.record import CONFIG, ENVIRONMENT, EPOCHS, SUMMARY, RunRecord, read_object
-from distcnn.study.store import DATABASE, flatten_summary, open_study, option_name
+from distcnn.study.store import DATABASE, flatten_summary, open_study, option_name, run_directory
 
 INSTALL = "pip install 'distcnn[mlflow]'"
 KEY, FINGERPRINT = "distcnn.key", "distcnn.fingerprint"
 ARTIFACTS = (CONFIG, SUMMARY, EPOCHS, ENVIRONMENT)
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 BATCH = {"params": 100, "metrics": 1000}  # MLflow's limits for one log_batch call
-RUNS = "runs"  # a study's run records: STUDY_DIR/runs/<run_id> (distcnn.study.runner)
 
 
 @dataclass
@@ -96,7 +95,8 @@ def study_sources(study_dir: Path) -> tuple[dict, list[Source], int]:
         if run["status"] != "done":
             unfinished += 1
             continue
-        directory = run_directory(study_dir, run)
+        directory = run_directory(study_dir, run["run_id"], run["run_dir"])
+        directory = directory if directory.is_dir() else None  # moved away or deleted: the summary is in study.db
         config = (read_object(directory / CONFIG) or {}) if directory else {}
         summary = run["summary"] or (read_object(directory / SUMMARY) if directory else None) or {}
         levels = {f"factor.{option_name(factor)}": level for factor, level in run["levels"].items()}
@@ -106,15 +106,6 @@ def study_sources(study_dir: Path) -> tuple[dict, list[Source], int]:
             tags={"distcnn.study": name, "distcnn.run_id": run["run_id"]},
             start_ms=seconds_ms(run["started_at"]), end_ms=seconds_ms(run["finished_at"])))
     return spec | {"name": name}, found, unfinished
-
-
-def run_directory(study_dir: Path, run: dict) -> Path | None:
-    """Where the study wrote a run's record, or under the study directory when the study was moved."""
-    recorded = Path(run["run_dir"]) if run["run_dir"] else None
-    for candidate in (recorded, study_dir / RUNS / run["run_id"]):
-        if candidate is not None and candidate.is_dir():
-            return candidate
-    return None
 
 
 def mtime_ms(path: Path) -> int | None:

@@ -18,12 +18,11 @@ from distcnn import launch
 from distcnn.console import say
 from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
 from distcnn.ownership import DirectoryLock, filesystem_problem
-from distcnn.record import host_name
+from distcnn.record import RunRecord, host_name
 from distcnn.study.spec import StudySpec
-from distcnn.study.store import DATABASE, StudyStore, option_name
+from distcnn.study.store import DATABASE, RUNS, StudyStore, option_name
 from distcnn.units import duration
 
-RUNS = "runs"
 
 
 def plan_runs(spec: StudySpec) -> list[dict]:
@@ -159,6 +158,19 @@ class StudyRunner:
         figures = ", ".join(f"{r} {summary.get(r):.4g}" for r in self.spec.responses
                             if isinstance(summary.get(r), (int, float)))
         say(f"   {run['run_id']} done in {seconds:.0f} s: {figures}")
+
+    def record_from_disk(self, run: dict, seconds: float) -> bool:
+        """A run whose own process or job ended: recorded from its run directory as done (the summary it
+        wrote) or failed (it diverged). False when the directory holds no finished run."""
+        config = self.config(run)
+        record = RunRecord(config.out)
+        if not record.finished:
+            return False
+        try:
+            self.record(run, launch.finished_summary(config, record), seconds)
+        except TrainingDiverged as error:
+            self.record_failure(run, str(error), seconds)
+        return True
 
     def record_failure(self, run: dict, error: str, seconds: float) -> None:
         self.durations.append(seconds)

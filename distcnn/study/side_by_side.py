@@ -119,18 +119,8 @@ class SideBySide:
             self.runner.record_failure(run, f"{_last_line(active['log'])} (exit code {code}; log: "
                                             f"{active['log']})", seconds)
             return
-        from distcnn import launch
-        from distcnn.errors import TrainingDiverged
-        from distcnn.record import RunRecord
-
-        config = self.runner.config(run)
-        record = RunRecord(config.out)
-        try:
-            summary = launch.finished_summary(config, record) if record.finished else None
-        except TrainingDiverged as error:
-            self.runner.record_failure(run, str(error), seconds)
-            return
-        self.runner.record(run, summary, seconds)
+        if not self.runner.record_from_disk(run, seconds):  # ended well, yet its record is elsewhere
+            self.runner.record(run, None, seconds)
 
 
 def _span(numbers: list[int]) -> str:

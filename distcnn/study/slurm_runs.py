@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from distcnn.console import say
-from distcnn.errors import TrainingDiverged, UsageError
+from distcnn.errors import UsageError
 from distcnn.study import job as run_job
 from distcnn.study import slurm
 
@@ -102,17 +102,8 @@ class SlurmRuns:
     def end(self, active: dict, state: str) -> None:
         run, job = active["run"], active["job"]
         seconds = time.perf_counter() - active["since"]
-        from distcnn import launch
-        from distcnn.record import RunRecord
-
-        config = self.runner.config(run)
-        record = RunRecord(config.out)
         self.store.set_placement(run["run_id"], {"executor": "slurm", "job_id": job.job_id, "state": state})
-        if record.finished:
-            try:
-                self.runner.record(run, launch.finished_summary(config, record), seconds)
-            except TrainingDiverged as error:
-                self.runner.record_failure(run, str(error), seconds)
+        if self.runner.record_from_disk(run, seconds):
             return
         # The job's own error where its function raised (submitit pickled it), else the end of its log.
         why = _first_line(job.exception()) if _has_result(job) else slurm.log_tail(job)

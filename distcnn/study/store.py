@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+RUNS = "runs"  # a study's run records: STUDY_DIR/runs/<run_id>
 
 class StudyStore:
     def __init__(self, path: str | Path):
@@ -188,6 +189,14 @@ def option_name(field_name: str) -> str:
     """A factor as people write it (`train-subset`: its flag without the dashes), in the table, the analysis
     and the report."""
     return flag(field_name).removeprefix("--")
+
+
+def run_directory(study_dir: str | Path, run_id: str, recorded: str | None) -> Path:
+    """Where the study wrote a run's record (`recorded`, study.db's run_dir); under the study directory,
+    STUDY_DIR/runs/<run_id>, when the study was moved (or the run has not started)."""
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return Path(study_dir) / RUNS / run_id
 
 
 def runs_alongside(run: dict) -> int:

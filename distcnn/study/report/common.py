@@ -14,7 +14,7 @@ import pandas as pd
 
 from distcnn import summary as declared
 from distcnn.errors import UsageError
-from distcnn.study.store import load_runs_table, open_study, option_name
+from distcnn.study.store import load_runs_table, open_study, option_name, run_directory
 from distcnn.units import Scale, decimals_for, human_bytes, scale, with_unit
 
 ALPHA = 0.05
@@ -99,8 +99,7 @@ class Study:
 
     def run_dir(self, row) -> Path:
         """The run record where the study wrote it; under the study directory when the study was moved."""
-        recorded = Path(row["run_dir"])
-        return recorded if recorded.is_dir() else self.directory / recorded.parent.name / recorded.name
+        return run_directory(self.directory, row["run_id"], row["run_dir"])
 
 
 def load_study(study_dir: str | Path) -> Study:

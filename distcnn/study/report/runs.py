@@ -26,16 +26,16 @@ PHASES = declared.PHASES
 COMM = declared.key("comm_bytes_per_step")
 
 
-def _folder(study: Study, run_dir: str | None) -> Link | str:
+def _folder(study: Study, run: dict) -> Link | str:
     """A link to a run's folder, relative to the report where it lies under the study."""
-    if not run_dir:
+    if not run["run_dir"]:
         return ""
-    path = study.run_dir({"run_dir": run_dir})
+    path = study.run_dir(run)
     try:
         href = os.path.relpath(path, study.directory)
     except ValueError:  # another drive
         href = path.as_uri()
-    return Link(Path(run_dir).name, href.replace(os.sep, "/") + "/")
+    return Link(Path(run["run_dir"]).name, href.replace(os.sep, "/") + "/")
 
 
 def runs_section(study: Study) -> list:
@@ -49,7 +49,7 @@ def runs_section(study: Study) -> list:
         levels = {option_name(key): value for key, value in run["levels"].items()}
         done = run["status"] == "done" and run["run_id"] in by_id.index
         figures_ = [scales[name].text(by_id.loc[run["run_id"]].get(name)) if done else "" for name in keys]
-        rows.append([_folder(study, run["run_dir"]) or run["run_id"], configuration_label(levels, study.factors),
+        rows.append([_folder(study, run) or run["run_id"], configuration_label(levels, study.factors),
                      f"{run['replicate']} / {run['seed']}", run["status"],
                      seconds.text(run["seconds"]) if run["seconds"] is not None else "", *figures_])
     return [Heading("Runs"), *_side_by_side(study), Text(
