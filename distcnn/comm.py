@@ -39,9 +39,14 @@ class ByteCounter:
 
     def take(self) -> int:
         """The bytes of the step that just ended; disarms the tap until the next hook call."""
+        return self.take_step()[0]
+
+    def take_step(self) -> tuple[int, int]:
+        """(bytes, collective calls) of the step that just ended; disarms the tap. Under the allreduce hook a
+        step makes one call per DDP gradient bucket, so the calls show how --bucket-cap-mb bucketed it."""
         with self.lock:
-            counted, self.bytes, self.calls, self.armed = self.bytes, 0, 0, False
-            return counted
+            counted, calls, self.bytes, self.calls, self.armed = self.bytes, self.calls, 0, 0, False
+            return counted, calls
 
 
 _counters: list[ByteCounter] = []
@@ -94,11 +99,13 @@ def one_bucket_at_a_time(hook):
 
 
 def register(ddp: torch.nn.parallel.DistributedDataParallel, name: str, count: bool,
-             powersgd_rank: int = 1) -> ByteCounter | None:
+             powersgd_rank: int = 1, wrap=None) -> ByteCounter | None:
     """Register hook `name` on a DDP model; with `count`, wrapped so its bytes are counted (returns the counter).
+    `wrap(hook) -> hook`: what the forecast's profile puts around the hook to time it.
 
     Without counting, `allreduce` keeps DDP's built-in C++ allreduce (the same arithmetic, no Python hook)."""
     hook, state = _hook_and_state(name, powersgd_rank)
+    hook = wrap(hook) if wrap is not None else hook
     if not count:
         if name != "allreduce":
             ddp.register_comm_hook(state, hook)

@@ -163,6 +163,8 @@ class TrainConfig(BaseModel):
     comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = Field(
         "allreduce", description="DDP gradient communication hook (torch's own)")
     powersgd_rank: int = Field(1, ge=1, description="matrix approximation rank of the powersgd hook")
+    bucket_cap_mb: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "DDP gradient bucket size in MB (default: DDP's own, 25 MB with a 1 MB first bucket)"))
     # record
     name: str | None = Field(None, description="run name: letters, digits and . _ + - (default: model-policy)")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<name>)")

@@ -8,6 +8,8 @@ Layout of a run directory:
     best.pt           the weights with the best validation accuracy
     cluster.json      on an emulated cluster: its hosts, addresses and link caps
     telemetry/        rank{R}.csv: each rank's resource time series
+    gradients.json    telemetry on: when each gradient was ready in one timed backward pass of rank 0, and its
+                      bytes (what DDP's buckets are made of); rewritten by each process that trains
     summary.json      written last, once: its presence means the run finished (its fields: distcnn.summary)
 
 The study runner, the analysis, the report and `distcnn show` read runs only through this module.
@@ -36,6 +38,7 @@ EPOCHS = "epochs.csv"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
+GRADIENTS = "gradients.json"
 TELEMETRY = "telemetry"
 TEXT_COLUMNS = {"phase", "host"}  # the series' columns that are not numbers
 
@@ -112,6 +115,13 @@ class RunRecord:
             return []
         with open(self.path(EPOCHS), newline="") as handle:
             return list(csv.DictReader(handle))
+
+    def write_gradients(self, gradients: dict) -> None:
+        write_json(self.path(GRADIENTS), gradients)
+
+    def read_gradients(self) -> dict | None:
+        """gradients.json; None when the run has none (telemetry off, or it never trained a step)."""
+        return read_object(self.path(GRADIENTS))
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path(SUMMARY), summary)

@@ -79,6 +79,7 @@ def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, sh
         "achieved_flops_per_s": (trainer.flops_per_image * state["images_seen"] / ranks.world_size
                                  / state["train_seconds"]) if state["train_seconds"] else None,
         "gradient_bytes": comm.gradient_bytes(trainer.model),
+        "bucket_cap_mb": config.bucket_cap_mb,
         "train_images": len(splits.train),
         "val_images": len(splits.val),
         "test_images": len(splits.test),

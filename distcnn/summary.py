@@ -30,7 +30,7 @@ AGGREGATORS = ("dnn", "mean", "vote")
 
 # Units: "" a label or flag; "fraction" 0..1 (accuracies); "%" 100 = one core or the whole; "s" seconds;
 # "B" bytes; "B/s" bytes per second; "1/s" packets per second; "J" joules; "FLOP" and "FLOP/s";
-# "images", "images/s", "epochs", "parameters", "ranks": counts.
+# "images", "images/s", "epochs", "parameters", "ranks": counts; "MB" 2^20 bytes, as DDP's bucket_cap_mb counts.
 PLACEHOLDERS = {"phase": STEP_PHASES, "aggregator": AGGREGATORS, "name": SHIFT_NAMES, "severity": SEVERITIES}
 GROUPS = ("run", "time", "compute", "resources", "network", "communication")  # how `distcnn show` groups them
 
@@ -99,6 +99,12 @@ FIELDS: tuple[Field, ...] = (
       response=True, group="time", label="train seconds"),
     F("eval_seconds", float, "s", "validation time, summed over the epochs", response=True),
     F("compile_seconds", float, "s", "time torch.compile took before the first epoch", response=True),
+    F("warmup_seconds", float, "s", "training time of the first epoch above what its steps take at the "
+      "steady-state median step: the one-time cost of kernel selection, first-touch allocation and caches "
+      "(as measured, so about 0 or slightly negative when there is none; null: the first epoch had fewer than "
+      "4 steps, or telemetry off)", response=True),
+    F("step_seconds_steady", float, "s", "median step wall time after warm-up (steps of epochs after the first, "
+      "else of the first from its 4th step), all ranks pooled", response=True),
     F("images_seen", int, "images", "training images processed, all ranks"),
     F("images_per_second", float, "images/s", "training throughput, all ranks", response=True, group="time",
       label="images/s"),
@@ -164,6 +170,8 @@ FIELDS: tuple[Field, ...] = (
     # -- communication ---------------------------------------------------------------------------------------
     F("comm_hook", str, "", "the DDP comm hook (null on one rank)", group="communication", label="hook"),
     F("gradient_bytes", int, "B", "bytes of the gradients", group="communication", label="gradient bytes"),
+    F("bucket_cap_mb", float, "MB", "DDP gradient bucket size (null: DDP's default, 25 MB with a 1 MB first "
+      "bucket)"),
     F("comm_bytes_per_step", float, "B", "counted gradient bytes per step per rank", response=True,
       group="communication", label="bytes/step (counted)"),
     F("comm_bytes_total", int, "B", "counted gradient bytes, all ranks, all steps", response=True,

@@ -1,5 +1,5 @@
 """The one training loop of every run (1..N ranks, any strategy): epochs, evaluation, early stopping, time to
-target, checkpoints; precision, memory format and compile (distcnn.speed); the DDP comm hook.
+target, checkpoints; precision, memory format and compile (distcnn.speed); the DDP comm hook and bucket size.
 
 A strategy (distcnn.strategies) runs it through `train_run`, passing what differs as data at construction: the
 model to build for the loaded data, the data itself, and what it adds to the summary. Every run record gets its
@@ -99,6 +99,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
 
 
+def data_parallel(model: nn.Module, config: TrainConfig, ranks: Ranks) -> DistributedDataParallel:
+    """The model wrapped in DDP, one device per rank. --bucket-cap-mb is passed only when given: DDP's own
+    default is not "25" but 25 MB with a smaller 1 MB first bucket, which an explicit size would replace."""
+    ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    buckets = {} if config.bucket_cap_mb is None else {"bucket_cap_mb": config.bucket_cap_mb}
+    return DistributedDataParallel(model, device_ids=ids, **buckets)
+
+
 def note_target(state: dict, target: float | None, val_accuracy: float | None) -> bool:
     """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with the
     wall seconds (training + validation, checkpoints excluded) and images up to and including it, kept in the
@@ -150,13 +158,13 @@ class Trainer:
         self._note_restart()
         self.ddp = self.model
         if ranks.distributed:
-            ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = data_parallel(self.model, config, ranks)
             # the run's comm hook, wrapped so that its bytes are counted when accounting is on
             counter = comm.register(self.ddp, config.comm_hook, count=accounting.enabled,
                                     powersgd_rank=config.powersgd_rank)
             accounting.attach(self.ddp, counter)
         self.step_model = speed.compile_model(self.ddp, config.compile)  # what the step calls
+        accounting.watch_gradients(self.model, self.steps_per_epoch)
         self.compile_seconds: float | None = None
 
     def _resume(self) -> None:
@@ -264,7 +272,9 @@ class Trainer:
                 with self.precision.autocast():
                     loss = self.criterion(self.step_model(x), targets)
                 timer.mark("forward")
+                self.accounting.before_backward()
                 self.precision.backward(loss)
+                self.accounting.after_backward()
                 timer.mark("backward")
                 self.precision.step(self.optimizer)
                 self.scheduler.step()

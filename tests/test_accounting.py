@@ -176,7 +176,9 @@ def test_telemetry_off_measures_nothing_and_says_so(tmp_path):
     summary = run(one_rank_config(tmp_path, epochs=1, telemetry="off"))
     assert summary["telemetry"] == "off"
     assert not (tmp_path / "run" / "telemetry").exists()
-    for field in ("cpu_percent_mean", "net_packets_per_s_mean", "step_time_breakdown", "comm_bytes_per_step"):
+    for field in ("cpu_percent_mean", "net_packets_per_s_mean", "step_time_breakdown", "comm_bytes_per_step",
+                  "warmup_seconds", "step_seconds_steady"):
         assert summary[field] is None, field
+    assert not (tmp_path / "run" / "gradients.json").exists(), "no backward pass timed"
     assert summary["test_accuracy"] > 0.3
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary

@@ -290,7 +290,7 @@ def summary_head(config: TrainConfig, splits: DataSplits) -> dict:
     layout = layout_of(config, splits)
     return {"name": config.run_name, "model": config.model, "policy": config.policy, "data": splits.name,
             "strategy": "dd", "grid": config.grid, "overlap": config.overlap, "dd_mode": config.dd_mode,
-            "subimage_size": [layout.sub_height, layout.sub_width],
+            "subimage_size": [layout.sub_height, layout.sub_width], "bucket_cap_mb": config.bucket_cap_mb,
             "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test)}
 
 

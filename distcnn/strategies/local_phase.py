@@ -172,4 +172,5 @@ class LocalPhase(Trainer):
             "train_flops_per_image": self.local_flops[i], "comm_bytes_total": 0,
             "train_images": len(self.splits.train), "val_images": len(self.splits.val),
             "test_images": len(self.splits.test), "resumed_at_epochs": state["resumed_at"],
+            "bucket_cap_mb": c.bucket_cap_mb,
         } | {figure: shared.get(figure) for figure in SHARED_FIGURES})

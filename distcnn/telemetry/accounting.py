@@ -1,6 +1,7 @@
 """A rank's accounting of its run: the resource sampler, the step timers, the counted gradient bytes, and
 DDP's own communication timers — started with the rank, read by the training loop, summarised at the end.
-It counts only: the comm hook that hands the bytes over is registered by the trainer.
+It counts only: the comm hook that hands the bytes over is registered by the trainer. Rank 0 also times when
+each gradient is ready in one backward pass (gradients.json).
 
 `--telemetry off` keeps the same calls but measures nothing (the trainer then leaves DDP on its built-in
 allreduce), so the overhead benchmark can compare the two in one run; every figure is then None, never 0.
@@ -16,15 +17,19 @@ from distcnn import comm, parallel
 from distcnn.config import TrainConfig
 from distcnn.parallel import Ranks
 from distcnn.telemetry.counters import run_interfaces
+from distcnn.telemetry.gradients import GradientReadiness
 from distcnn.record import RunRecord
 from distcnn.telemetry.resources import combine_ranks
 from distcnn.telemetry.sampler import ResourceSampler
 from distcnn.telemetry.tensorboard import EventLog
-from distcnn.telemetry.steps import StepTimer, epoch_figures, run_breakdown
+from distcnn.telemetry.steps import StepTimer, epoch_figures, epoch_medians, run_breakdown, warm_up
 
 DDP_SAMPLE_EVERY = 10  # steps between DDP's own runtime timers (it also times each of the first 10)
 DDP_TIMES = {"ddp_comm": "backward_comm_time", "ddp_overlap": "backward_compute_comm_overlap_time",
              "ddp_backward_compute": "backward_compute_time"}
+# the step whose backward pass is timed for gradients.json: DDP rebuilds its buckets after the first
+# iteration, in the order the gradients became ready there, so the 3rd step runs on the buckets it keeps
+TIMED_BACKWARD_STEP = 3
 EPOCH_RESOURCES = ("cpu_percent_mean", "process_cpu_percent_mean", "net_packets_per_s_mean", "net_bytes_total")
 
 
@@ -47,8 +52,10 @@ def telemetry_dir(record: RunRecord):
 
 class Accounting:
     def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks):
-        self.config, self.ranks = config, ranks
+        self.config, self.record, self.ranks = config, record, ranks
         self.enabled = config.telemetry == "on"
+        self.readiness: GradientReadiness | None = None  # armed for one step only (see watch_gradients)
+        self.gradients: dict | None = None
         self.sampler = None
         self.timer = StepTimer(ranks.device) if self.enabled else _Off()
         self.counter: comm.ByteCounter | None = None
@@ -72,18 +79,47 @@ class Accounting:
             ddp._set_ddp_runtime_logging_sample_rate(DDP_SAMPLE_EVERY)
             self.ddp = ddp
 
+    def watch_gradients(self, model: torch.nn.Module, steps_per_epoch: int) -> None:
+        """Rank 0 with telemetry on: time gradient readiness in one backward pass of the first epoch this
+        process trains — its 3rd step, or its last when it has fewer — written to gradients.json at the end of
+        that epoch. The hooks are on for that step only, so every other step runs as it would untimed."""
+        if self.enabled and self.ranks.is_main and steps_per_epoch > 0:
+            self.readiness = GradientReadiness(model, self.ranks.device)
+            # what DDP broadcasts from rank 0 at every forward (BatchNorm statistics): a forecast's message too
+            self.buffer_bytes = sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
+            self.readiness_step = min(TIMED_BACKWARD_STEP, steps_per_epoch) - 1
+
     # -- during an epoch ---------------------------------------------------------------------------------
 
     def begin_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
             self.sampler.set_phase("train", epoch + 1)
-        self.step, self.comm_bytes, self.ddp_samples, self.last_ddp_iteration = 0, 0, [], None
+        self.step, self.comm_bytes, self.comm_calls, self.ddp_samples, self.last_ddp_iteration = 0, 0, 0, [], None
         self.timer.start()
 
+    def before_backward(self) -> None:
+        """Right before the step's backward(): arm the readiness hooks when this is the timed step."""
+        if self.readiness is not None and self.step == self.readiness_step:
+            self.readiness.arm()
+
+    def after_backward(self) -> None:
+        """Right after backward() returned: on the timed step, read the ready times and disarm for good."""
+        readiness = self.readiness
+        if readiness is None or self.step != self.readiness_step:
+            return
+        end = readiness.mark()  # on the readiness clock, so both times share one timeline
+        parameters = readiness.read()  # waits for the device: `end` has happened
+        self.gradients = {"bucket_cap_mb": self.config.bucket_cap_mb, "world_size": self.ranks.world_size,
+                          "backward_seconds": readiness.since_arm(end), "buffer_bytes": self.buffer_bytes,
+                          "parameters": parameters}
+        self.readiness = None
+
     def end_step(self) -> None:
-        """After the optimizer: take the step's counted bytes; now and then read DDP's timers."""
+        """After the optimizer: take the step's counted bytes and collective calls; now and then read DDP's
+        timers."""
         if self.counter is not None:
-            self.comm_bytes += self.counter.take()
+            step_bytes, calls = self.counter.take_step()
+            self.comm_bytes, self.comm_calls = self.comm_bytes + step_bytes, self.comm_calls + calls
         self.timer.end_step()
         self.step += 1
         if self.ddp is not None and (self.step <= DDP_SAMPLE_EVERY or self.step % DDP_SAMPLE_EVERY == 0):
@@ -109,14 +145,19 @@ class Accounting:
             self.sampler.set_phase("eval", epoch + 1)
         if not self.enabled:
             return {}
-        mine = {"steps": steps, "comm_bytes": self.comm_bytes, "ddp": self.ddp_samples,
+        if self.gradients is not None:
+            self.record.write_gradients(self.gradients)
+        self.readiness = self.gradients = None  # only the first epoch this process trains is timed
+        mine = {"steps": steps, "comm_bytes": self.comm_bytes, "comm_calls": self.comm_calls, "ddp": self.ddp_samples,
                 "resources": self.sampler.summary("train", epoch=epoch + 1)}
         everyone = parallel.gather(mine, self.ranks)
         pooled = [step for rank in everyone for step in rank["steps"]]
-        figures = epoch_figures(pooled) | {"steps": len(steps)}
+        figures = epoch_figures(pooled) | {"steps": len(steps)} | epoch_medians([rank["steps"] for rank in everyone])
         comm_bytes = sum(rank["comm_bytes"] for rank in everyone)
         figures["comm_bytes"] = comm_bytes
         figures["comm_bytes_per_step"] = comm_bytes / (len(pooled) or 1)
+        # collectives per step per rank: under the allreduce hook, DDP's gradient buckets (one rank: none)
+        figures["comm_calls_per_step"] = sum(rank["comm_calls"] for rank in everyone) / (len(pooled) or 1)
         samples = [sample for rank in everyone for sample in rank["ddp"]]
         for name in DDP_TIMES:
             values = [s[name] for s in samples if name in s]
@@ -134,6 +175,7 @@ class Accounting:
         per_rank = parallel.gather(self.sampler.summary("train"), self.ranks) if self.enabled else []
         figures = combine_ranks(per_rank)
         figures["step_time_breakdown"] = run_breakdown(history) if self.enabled else None
+        figures |= warm_up(history if self.enabled else [])
         figures |= self._communication(history)
         for name in DDP_TIMES:
             rows = [row for row in history if row.get(f"{name}_mean_s") is not None and row.get("ddp_samples")]

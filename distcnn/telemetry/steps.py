@@ -1,4 +1,5 @@
-"""Where a training step's time goes: data wait, augmentation, forward, backward, optimizer.
+"""Where a training step's time goes: data wait, augmentation, forward, backward, optimizer; and how much of
+a run's first epoch is one-time warm-up (`warm_up`).
 
 Marks are contiguous — each ends one phase and begins the next — so the phases of an epoch add up to the
 epoch's wall time, with nothing uncounted. On a GPU the marks are CUDA events on the current stream, read
@@ -87,3 +88,35 @@ def run_breakdown(history: list[dict]) -> dict[str, float] | None:
     if not steps:
         return None
     return {name: sum(row[f"{name}_mean_s"] * row["steps"] for row in rows) / steps for name in (*PHASES, "step")}
+
+
+WARM_UP_STEPS = 3  # a first epoch's steps its steady state leaves out when the run has no later epoch
+WARM_UP = ("warmup_seconds", "step_seconds_steady")
+
+
+def epoch_medians(per_rank: list[list[dict[str, float]]]) -> dict[str, float | None]:
+    """Median step wall time of an epoch over every rank's steps (step_median_s), and over each rank's steps
+    from its 4th on (step_median_steady_s): what `warm_up` reads from the history, kept in the epoch's row so
+    that it survives a resume. Medians, not means: the slow first steps barely move them."""
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    return {"step_median_s": median([sum(s.values()) for steps in per_rank for s in steps]),
+            "step_median_steady_s": median([sum(s.values()) for steps in per_rank for s in steps[WARM_UP_STEPS:]])}
+
+
+def warm_up(history: list[dict]) -> dict[str, float | None]:
+    """The one-time cost of a run's first epoch (warmup_seconds) and the steady-state step (step_seconds_steady).
+
+    The steady step is the median of the later epochs' medians (their steps are as many each), or without a
+    later epoch the first epoch's median from its 4th step on. Warm-up is the first epoch's step time (steps x
+    the mean step of all ranks, i.e. the ranks' mean sum) above those steps at the steady step. It is kept as
+    measured: a first epoch no slower than the rest gives a figure around 0, slightly negative by noise.
+    Both None when the history does not start at epoch 1, or that epoch had fewer than 4 steps, was not timed
+    (telemetry off) or was recorded before these figures existed (a resumed older run)."""
+    first = history[0] if history else {}
+    if first.get("epoch") != 1 or first.get("step_median_steady_s") is None or first.get("step_mean_s") is None:
+        return dict.fromkeys(WARM_UP)
+    later = [row["step_median_s"] for row in history[1:] if row.get("step_median_s") is not None]
+    steady = float(np.median(later)) if later else first["step_median_steady_s"]
+    return {"warmup_seconds": first["steps"] * (first["step_mean_s"] - steady), "step_seconds_steady": steady}
