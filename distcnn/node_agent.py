@@ -1,9 +1,11 @@
-"""One node of a multi-node job on an emulated host: `python -m distcnn.node_agent RUN_DIR ADDR ENDPOINT ID IS_HOST`.
+"""One node of a multi-node job on an emulated host:
+`python -m distcnn.node_agent RUN_DIR ADDR ENDPOINT ID IS_HOST [WORKER]`.
 
 The launcher starts it inside each host's network namespace; it is torchrun's node agent for the run whose
 config.json is in RUN_DIR, with the c10d rendezvous at ENDPOINT. ADDR is the address the other hosts reach this
 one at; IS_HOST (1 on the first host) says that this node serves the rendezvous store, which torchrun could
-not infer (the emulated address is not the machine's host name).
+not infer (the emulated address is not the machine's host name). WORKER: the module every rank runs (default
+distcnn.worker, the training run).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from distcnn.record import RunRecord
 def main(argv: list[str]) -> int:
     ownership.die_with_parent()  # the launcher's end is this agent's end, and so its ranks'
     ownership.mark_parent()
-    run_dir, address, endpoint, rdzv_id, is_host = argv
+    run_dir, address, endpoint, rdzv_id, is_host, *worker = argv
     saved = TrainConfig(**RunRecord(Path(run_dir)).read_config())
     config = saved.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})
     try:
-        parallel.launch(config, Path(run_dir), local_addr=address, rdzv_conf=f"is_host={is_host}")
+        parallel.launch(config, Path(run_dir), local_addr=address, rdzv_conf=f"is_host={is_host}",
+                        worker=worker[0] if worker else parallel.WORKER)
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)
         return UsageError.exit_code

@@ -206,8 +206,11 @@ def needs_torchrun(config: TrainConfig) -> bool:
     return config.nproc_per_node > 1 or config.nnodes > 1 or config.max_restarts > 0
 
 
+WORKER = "distcnn.worker"  # what every rank runs; the forecast's calibration runs its own collective benchmark
+
+
 def torchrun_args(config: TrainConfig, run_dir: Path, local_addr: str | None = None,
-                  rdzv_conf: str | None = None) -> list[str]:
+                  rdzv_conf: str | None = None, worker: str = WORKER) -> list[str]:
     """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine.
 
     `local_addr`: the address the other nodes reach this one at (default: this machine's address on the way to
@@ -227,11 +230,12 @@ def torchrun_args(config: TrainConfig, run_dir: Path, local_addr: str | None = N
              f"--rdzv-id={config.rdzv_id}"]
     if config.node_rank is not None:
         args.append(f"--node-rank={config.node_rank}")
-    return args + ["--module", "distcnn.worker", str(run_dir)]
+    return args + ["--module", worker, str(run_dir)]
 
 
-def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rdzv_conf: str | None = None) -> None:
-    """Start the workers through torchrun's own launcher and wait for them."""
+def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rdzv_conf: str | None = None,
+           worker: str = WORKER) -> None:
+    """Start the workers (module `worker`, given RUN_DIR) through torchrun's own launcher and wait for them."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -240,7 +244,7 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
         with own_addresses_only(one_machine=config.nnodes == 1):
-            run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf)))
+            run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
     except ChildFailedError as error:
         raise workers_failed(error.failures, run_dir) from None
 
@@ -355,7 +359,7 @@ def own_addresses_only(one_machine: bool):
                 os.environ[name] = value
 
 
-def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
+def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) -> None:
     """One torchrun node agent inside each emulated host, meeting at a c10d rendezvous on the first host's
     address: the real multi-node code path, over the emulated network."""
     import secrets
@@ -377,7 +381,7 @@ def launch_emulated(config: TrainConfig, run_dir: Path) -> None:
             env = os.environ | {HOST_ENV: host.name, "GLOO_SOCKET_IFNAME": cluster.INTERFACE,
                                 "NCCL_SOCKET_IFNAME": cluster.INTERFACE}
             argv = [sys.executable, "-m", "distcnn.node_agent", str(run_dir), host.address, endpoint, rdzv_id,
-                    "1" if i == 0 else "0"]
+                    "1" if i == 0 else "0", worker]
             agents.append((host, cluster.start_in(host, argv, env)))
         deadline = None  # once an agent has failed, the others cannot finish: a moment to stop on their own
         while True:
@@ -413,7 +417,7 @@ def stop_agent(agent, grace: float = 30.0, idle_grace: float = 3.0) -> None:
     deadline, idle_since = time.monotonic() + grace, None
     while agent.poll() is None and time.monotonic() < deadline:
         try:
-            working = any("distcnn.worker" in " ".join(child.cmdline())
+            working = any("distcnn." in " ".join(child.cmdline())
                           for child in psutil.Process(agent.pid).children(recursive=True))
         except psutil.Error:  # it exited while we looked
             working = False

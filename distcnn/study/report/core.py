@@ -22,7 +22,7 @@ from distcnn.record import read_series, write_atomic
 from distcnn.study import plots
 from distcnn.study.analysis import analyse_responses
 from distcnn.study.document import FILES, Heading, Image, Table, Text, to_html, to_markdown
-from distcnn.study.report import augmentation, provenance, runs, tables
+from distcnn.study.report import augmentation, forecast, provenance, runs, tables
 from distcnn.study.report.common import (ACCURACY, ALPHA, Section, Study, configuration_label, load_study, numeric,
                                          practically_constant, response_label, response_scale)
 from distcnn.study.store import DATABASE, option_name
@@ -31,7 +31,7 @@ from distcnn.units import duration
 HTML_NAME, MARKDOWN_NAME = "report.html", "report.md"
 # the first cost, and the first other one present
 COSTS = tuple(declared.key(name) for name in ("train_seconds", "cpu_seconds_total", "net_bytes_total"))
-OPTIONAL: tuple[Section, ...] = augmentation.SECTIONS  # after the Pareto section, in this order
+OPTIONAL: tuple[Section, ...] = (*augmentation.SECTIONS, forecast.SECTION)  # after the Pareto section, in order
 
 
 def analyse(study: Study) -> tuple[dict[str, dict], list[str]]:

@@ -1,0 +1,213 @@
+"""Is the forecast right? Predicted against measured step time on real 2-host jobs of the emulated cluster.
+
+1. Calibrate (kept apart: these are the only measurements the model is fitted to): `distcnn forecast
+   --calibrate` on the 2 emulated hosts at each link cap used below (α, B_eff, compute slowdown per byte).
+2. Profile each (model, batch) on one rank, one thread, on this machine (distcnn.forecast.profile).
+3. Score: train each configuration for real on the 2 emulated hosts (one rank, one thread each), measure its
+   steady step (epoch 2 of 2), and set it beside the forecast for it. None of these runs is fitted to.
+Regimes: compute-bound (fast links), bandwidth-bound (capped links, large gradients), latency-bound (many small
+messages: tiny buckets, PowerSGD's three allreduces per bucket; this kernel has no netem for added delay).
+Then the bucket cap the model recommends is trained against DDP's default 25 MB.
+
+Needs root (network namespaces); brings its own cluster up and takes it down.
+
+    .venv/bin/python benchmarks/forecast.py [--steps 10] [--quick] [--write-validation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import shutil
+import time
+from datetime import date
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from scipy.stats import kendalltau
+
+from distcnn import cluster
+from distcnn.config import make_config, parse_bandwidth
+from distcnn.forecast import VALIDATION, link as links, model, sources
+from distcnn.forecast.profile import profile
+from distcnn.record import RunRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+RATES = ["10mbit", "100mbit", "1gbit", "none"]
+# model, batch per rank, link, hook, bucket cap (MB, None: DDP's default), regime
+CONFIGS = [
+    ("simplecnn", 128, "none", "allreduce", None, "compute"),
+    ("deepcnn", 64, "none", "allreduce", None, "compute"),
+    ("mobilenetv3_small_050", 64, "none", "allreduce", None, "compute"),
+    ("resnet18", 32, "none", "fp16", None, "compute"),
+    ("simplecnn", 64, "1gbit", "bf16", None, "compute"),
+    ("simplecnn", 64, "10mbit", "allreduce", None, "bandwidth"),
+    ("simplecnn", 128, "10mbit", "fp16", None, "bandwidth"),
+    ("deepcnn", 32, "100mbit", "allreduce", None, "bandwidth"),
+    ("mobilenetv3_small_050", 32, "100mbit", "allreduce", None, "bandwidth"),
+    ("resnet18", 32, "1gbit", "allreduce", None, "bandwidth"),
+    ("resnet18", 32, "100mbit", "powersgd", None, "bandwidth"),
+    ("deepcnn", 64, "10mbit", "powersgd", None, "bandwidth"),
+    ("lenet", 32, "none", "allreduce", 0.002, "latency"),
+    ("simplecnn", 32, "none", "allreduce", 0.01, "latency"),
+    ("lenet", 16, "1gbit", "bf16", 0.001, "latency"),
+    ("mobilenetv3_small_050", 16, "none", "fp16", 0.05, "latency"),
+]
+QUICK = [0, 5, 9, 12, 13]
+
+
+def data(batch: int, steps: int) -> str:
+    return f"synthetic:n={int(2 * batch * steps / 0.9) + 2},test=64"
+
+
+def train(out: Path, name: str, batch: int, rate: str, hook: str, cap: float | None, steps: int) -> RunRecord:
+    command = [sys.executable, "-m", "distcnn", "train", "--model", name, "--epochs", "2", "--data",
+               data(batch, steps), "--batch-size", str(batch), "--cluster", "emulated", "--nnodes", "2",
+               "--bandwidth", rate, "--comm-hook", hook, "--out", str(out), "--val-fraction", "0.1"]
+    command += ["--bucket-cap-mb", str(cap)] if cap is not None else []
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return RunRecord(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="steps per rank per epoch")
+    parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations only")
+    parser.add_argument("--keep", default="runs/forecast-benchmark", help="where the runs are kept (replaced)")
+    parser.add_argument("--write-validation", action="store_true",
+                        help=f"store the errors in {VALIDATION.relative_to(ROOT)} for the forecast's output")
+    args = parser.parse_args()
+    try:
+        cluster.require_privileges()
+    except Exception as error:  # noqa: BLE001 — the one line the CLI would print
+        raise SystemExit(f"forecast benchmark: {error}")
+    console = Console(width=190)
+    configs = [CONFIGS[i] for i in QUICK] if args.quick else CONFIGS
+    started = time.perf_counter()
+    cluster.up(2)
+    try:
+        folder = ROOT / args.keep
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        if True:
+            profile_path = Path(folder) / "link.json"
+            rates = sorted({rate for _, _, rate, *_ in configs}, key=RATES.index)
+            calibrate = subprocess.run(
+                [sys.executable, "-m", "distcnn", "forecast", "--calibrate", "--cluster", "emulated", "--nnodes",
+                 "2", "--bandwidth", ",".join(rates), "--link-profile", str(profile_path)],
+                cwd=ROOT, capture_output=True, text=True)
+            if calibrate.returncode != 0:
+                raise SystemExit(f"calibration failed:\n{calibrate.stderr[-2000:]}")
+            link_profile = links.read(profile_path)
+            calibration = Table(title="calibration (fitted to; not scored): allreduce on 2 emulated hosts")
+            for column in ("link", "α ms", "B_eff Mbit/s", "share of rate", "hop ms", "slowdown ns/B",
+                           "points"):
+                calibration.add_column(column, justify="right")
+            for entry in link_profile.entries:
+                calibration.add_row(links.format_rate(entry.rate_bits), f"{entry.alpha_s * 1e3:.3f}",
+                                    f"{entry.bytes_per_s * 8 / 1e6:,.1f}",
+                                    f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
+                                    f"{entry.slowdown_s_per_byte * 1e9:.3f}", str(len(entry.points)))
+            console.print(calibration)
+            profiles: dict[tuple, model.Profile] = {}
+            results = []
+            for i, (name, batch, rate, hook, cap, regime) in enumerate(configs):
+                key = (name, batch)
+                if key not in profiles:
+                    config = make_config({"model": name, "batch_size": batch, "data": data(batch, args.steps),
+                                          "threads": 1, "val_fraction": 0.1})
+                    profiles[key] = profile(config, threads=1, quiet=True, alongside=1).profile  # the other host
+                bits = parse_bandwidth(rate)
+                link, how = link_profile.link(bits, 0.0)
+                predicted = model.step(profiles[key], link, 2, hook, cap)
+                record = train(Path(folder) / f"run{i}", name, batch, rate, hook, cap, args.steps)
+                measured = sources.measured_step(record)
+                results.append({"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap,
+                                "regime": regime, "predicted": predicted.seconds, "measured": measured,
+                                "compute": predicted.compute_seconds, "exposed": predicted.exposed_comm_share,
+                                "buckets": predicted.buckets, "how": how,
+                                "error": (predicted.seconds - measured) / measured})
+                phases = sources.steady_phases(record)
+                last = record.read_epochs()[-1]
+                console.print(f"  {name} b{batch} {rate} {hook} cap {cap}: predicted "
+                              f"{predicted.seconds * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms "
+                              f"({results[-1]['error']:+.1%}); profile fwd/bwd/opt "
+                              + "/".join(f"{profiles[key].phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
+                              + ", run " + "/".join(f"{phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
+                              + f", DDP comm {float(last.get('ddp_comm_mean_s') or 0) * 1e3:.1f} ms, "
+                              f"{last.get('comm_calls_per_step')} calls/step, {predicted.buckets} buckets forecast")
+            cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps)
+    finally:
+        cluster.down()
+    report(console, results, cap_rows, started, args)
+
+
+def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]:
+    """The cap the model recommends for resnet18 at 1gbit, trained beside DDP's default."""
+    name, batch, rate, hook = "resnet18", 32, "1gbit", "allreduce"
+    if (name, batch) not in profiles:
+        return []
+    link, _ = link_profile.link(parse_bandwidth(rate), 0.0)
+    cap, best = model.best_cap(profiles[(name, batch)], link, 2, hook)
+    rows = []
+    for label, chosen in (("default (25 MB)", None), (f"recommended ({cap} MB)", cap)):
+        if label.startswith("recommended") and cap is None:
+            continue
+        record = train(folder / f"cap-{chosen}", name, batch, rate, hook, chosen, steps)
+        rows.append({"cap": label, "predicted": model.step(profiles[(name, batch)], link, 2, hook, chosen).seconds,
+                     "measured": sources.measured_step(record)})
+    return rows
+
+
+def report(console: Console, results: list[dict], cap_rows: list[dict], started: float, args) -> None:
+    table = Table(title="held apart (scored; no run here was fitted to): 2 emulated hosts × 1 rank × 1 thread, "
+                        f"step = mean of epoch 2 ({args.steps} steps/rank)")
+    for column in ("regime", "model", "batch", "link", "hook", "cap MB", "buckets", "compute ms", "predicted ms",
+                   "measured ms", "error", "exposed comm (forecast)"):
+        table.add_column(column, justify="left" if column in ("regime", "model", "link", "hook") else "right")
+    for row in results:
+        table.add_row(row["regime"], row["model"], str(row["batch"]), row["link"], row["hook"],
+                      "default" if row["cap"] is None else f"{row['cap']:g}", str(row["buckets"]),
+                      f"{row['compute'] * 1e3:.1f}", f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}",
+                      f"{row['error']:+.1%}", f"{row['exposed']:.0%}")
+    console.print(table)
+    summary = Table(title="absolute error of the step time, held-apart configurations")
+    for column in ("regime", "configurations", "median", "worst"):
+        summary.add_column(column, justify="right")
+    errors = {}
+    for regime in ("compute", "bandwidth", "latency"):
+        errors[regime] = [abs(row["error"]) for row in results if row["regime"] == regime]
+    errors["all"] = [abs(row["error"]) for row in results]
+    for regime, values in errors.items():
+        if values:
+            summary.add_row(regime, str(len(values)), f"{statistics.median(values):.1%}", f"{max(values):.1%}")
+    console.print(summary)
+    tau = kendalltau([row["predicted"] for row in results], [row["measured"] for row in results]).statistic
+    console.print(f"Kendall tau of the {len(results)} configurations' step times, predicted vs measured: {tau:.3f}")
+    if cap_rows:
+        caps = Table(title="bucket cap: resnet18, batch 32, 1gbit, allreduce, 2 hosts")
+        for column in ("cap", "predicted ms", "measured ms"):
+            caps.add_column(column, justify="right")
+        for row in cap_rows:
+            caps.add_row(row["cap"], f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}")
+        console.print(caps)
+    console.print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
+    if args.write_validation and not args.quick:
+        VALIDATION.write_text(json.dumps({
+            "held_out": len(results), "where": "2 emulated hosts, 1 rank × 1 thread each",
+            "date": date.today().isoformat(), "median_abs_error": statistics.median(errors["all"]),
+            "worst_abs_error": max(errors["all"]), "kendall_tau": tau,
+            "by_regime": {regime: {"median": statistics.median(v), "worst": max(v)}
+                          for regime, v in errors.items() if v and regime != "all"}}, indent=1) + "\n")
+        console.print(f"wrote {VALIDATION}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The collective benchmark every rank of a calibration runs: `python -m distcnn.forecast.calibrate_worker DIR`.
+
+Started by torchrun (or an emulated host's node agent) like a training rank, on DIR/config.json's ranks and
+devices. It measures, with the backend training would use:
+- DDP gradient buckets of float32 from 4 KiB up to `max_bytes` (DIR/request.json): a backward pass over
+  parameters whose gradients cost nothing, one parameter per bucket, through the counted allreduce hook a
+  run uses, while a compute loop runs beside them as backward would; the median seconds per bucket of
+  `repeats` passes after the warm-up, per size;
+- PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices;
+- the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of
+  `max_bytes`: compute seconds lost per byte the rank sent meanwhile.
+Rank 0 writes DIR/calibration.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distcnn import comm, ownership, parallel
+from distcnn.config import TrainConfig
+from distcnn.record import RunRecord, write_json
+
+SMALLEST = 4096
+COMM_SECONDS = 0.5  # how long the compute loop runs beside allreduces
+BUCKETS = 4  # buckets per timed backward pass
+CHAIN_BYTES = 256 * 2**10  # PowerSGD buckets timed: 64 x 1024 float32 each
+WARMUP = 2
+
+
+def sizes(max_bytes: int) -> list[int]:
+    found, size = [], SMALLEST
+    while size <= max_bytes:
+        found.append(size)
+        size *= 4
+    return found
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_allreduce(buffer: torch.Tensor, repeats: int, device: torch.device) -> float:
+    """Median seconds of one plain allreduce of `buffer` (the slowest rank's)."""
+    dist.all_reduce(buffer)  # warm-up: connections, buffers
+    sync(device)
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return parallel.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
+
+
+class Buckets(nn.Module):
+    """`count` parameters of `size` bytes each, whose gradients cost next to nothing to compute: a backward
+    pass of DDP over them is `count` buckets of communication, one after another, and nothing else."""
+
+    def __init__(self, size: int, count: int, device: torch.device, rows: int = 1):
+        super().__init__()
+        shape = (rows, size // 4 // rows) if rows > 1 else (size // 4,)
+        self.weights = nn.ParameterList(nn.Parameter(torch.zeros(shape, device=device)) for _ in range(count))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((weight * x).sum() for weight in self.weights)
+
+
+def time_buckets(size: int, repeats: int, device: torch.device, count: int = BUCKETS, hook: str = "allreduce",
+                 rows: int = 1) -> float:
+    """Median seconds per DDP gradient bucket of `size` bytes, through the same path a run's buckets take
+    (DDP's reducer, the counted hook, the futures it waits for): with allreduce what the model's α and B_eff
+    are; with powersgd (on `rows` × n matrices, which it compresses) its chain of three allreduces."""
+    module = Buckets(size, count, device, rows)
+    ddp = DistributedDataParallel(module, bucket_cap_mb=size / 2**20)  # one parameter per bucket
+    comm.register(ddp, hook, count=True)
+    x = torch.ones((), device=device)
+    seconds = []
+    repeats = repeats * 3 if size <= 256 * 2**10 else repeats  # small ones are cheap and noisier
+    warmup = WARMUP + (comm.POWERSGD_START_ITERATION if hook == "powersgd" else 0)
+    with Busy(device):  # as in training, the rank computes while its buckets are sent
+        for step in range(warmup + repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            ddp(x).backward()
+            sync(device)
+            if step >= warmup:  # DDP builds its buckets at step 1 and rebuilds them after it
+                seconds.append((time.perf_counter() - start) / count)
+            module.zero_grad(set_to_none=True)
+    return parallel.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
+
+
+class Busy:
+    """The compute loop in a thread of its own while the block runs: in a training step the rank's backward
+    computes while the buckets are sent, and the collective's threads compete with it for the cores."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stop = device, threading.Event()
+
+    def __enter__(self):
+        def work():
+            while not self.stop.is_set():
+                compute_loop(self.device, 1)
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def parallel_ranks(device: torch.device) -> parallel.Ranks:
+    return parallel.Ranks(dist.get_rank(), 0, dist.get_world_size(), 1, device, dist.get_backend())
+
+
+def compute_loop(device: torch.device, iterations: int) -> float:
+    """Seconds of `iterations` convolutions like a small CNN's (forward and backward-like work)."""
+    x = torch.randn(32, 32, 28, 28, device=device)
+    weight = torch.randn(32, 32, 3, 3, device=device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        torch.nn.functional.conv2d(x, weight, padding=1)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def slowdown(device: torch.device, max_bytes: int) -> dict:
+    """Compute seconds lost per byte sent while an allreduce runs beside the compute loop."""
+    ranks = parallel_ranks(device)
+    iterations = 4
+    while compute_loop(device, iterations) < 0.05:
+        iterations *= 2
+    iterations = int(parallel.all_reduce_max(float(iterations), ranks))
+    alone = statistics.median(compute_loop(device, iterations) for _ in range(3))
+    buffer = torch.ones(max_bytes // 4, device=device)
+    n = dist.get_world_size()
+    sent_per_call = 2 * (n - 1) / n * buffer.numel() * 4
+    one = time_allreduce(buffer, 1, device)  # the same (the slowest rank's) on every rank: the same count
+    calls, done = min(50, max(2, round(COMM_SECONDS / max(one, 1e-6)))), threading.Event()
+
+    def communicate():
+        for _ in range(calls):
+            dist.all_reduce(buffer)
+            sync(device)
+        done.set()
+
+    dist.barrier()
+    thread = threading.Thread(target=communicate, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    loops = 0
+    while not done.is_set():
+        compute_loop(device, iterations)
+        loops += 1
+    thread.join()
+    elapsed = time.perf_counter() - start
+    lost = max(0.0, elapsed - loops * alone)  # beyond what those loops take alone
+    per_byte = parallel.all_reduce_max(lost / (calls * sent_per_call), ranks)
+    return {"slowdown_s_per_byte": per_byte, "compute_alone_s": alone, "loops": loops, "calls": calls,
+            "elapsed_s": elapsed}
+
+
+def main(argv: list[str]) -> int:
+    ownership.die_with_parent()
+    folder = Path(argv[0])
+    config = TrainConfig(**RunRecord(folder).read_config())
+    request = json.loads((folder / "request.json").read_text())
+    ranks = parallel.setup(config)
+    try:
+        points = [[size, time_buckets(size, request["repeats"], ranks.device)] for size in sizes(request["max_bytes"])]
+        # PowerSGD's chain of three small allreduces per bucket (its factors of 64-row matrices, rank 1)
+        chain = time_buckets(CHAIN_BYTES, request["repeats"], ranks.device, hook="powersgd", rows=64)
+        measured = {"points": points, "powersgd_bucket_s": chain, "powersgd_bucket_bytes": CHAIN_BYTES,
+                    "ranks": ranks.world_size, "backend": ranks.backend,
+                    "hosts": parallel.gather_hosts(ranks)} | slowdown(ranks.device, request["max_bytes"])
+        if ranks.is_main:
+            write_json(folder / "calibration.json", measured)
+        parallel.barrier(ranks)
+    finally:
+        parallel.teardown(ranks)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,292 @@
+"""`distcnn forecast`: the forecast, `--calibrate`, `--from` and `--check`, as the command line and the Python
+API call them (the options as a dict of option names; nothing here parses flags)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distcnn import forecast as helpers
+from distcnn.config import TrainConfig, make_config
+from distcnn.console import say
+from distcnn.errors import UsageError
+from distcnn.forecast import link as links
+from distcnn.forecast import output, plan
+from distcnn.forecast.model import HOOKS, Profile, step
+
+
+@dataclass
+class Request:
+    """What a forecast was asked for, besides the run options."""
+
+    nodes: str = "1,2,4,8,16"
+    bandwidth: str = "100mbit,1gbit,10gbit"
+    latency: str | None = None
+    ranks_per_node: int = 1
+    price_per_node_hour: float | None = None
+    hooks: str | None = None  # None: the run option's hook when given, else all four
+    link_profile: str | None = None
+    intra_profile: str | None = None
+    from_run: str | None = None
+    json: bool = False
+    plot: str | None = None
+    profile_seconds: float | None = None  # None: distcnn.forecast.profile.MAIN_SECONDS
+
+
+def backend_of(config: TrainConfig) -> str:
+    from distcnn.parallel import device_type
+
+    return "nccl" if device_type(config.device) == "cuda" else "gloo"
+
+
+def load_links(request: Request, config: TrainConfig) -> tuple[links.LinkProfile | None, links.LinkProfile | None]:
+    kind = "emulated" if config.cluster == "emulated" else "machines"
+    found = []
+    for path in (request.link_profile, request.intra_profile):
+        profile = links.read(path) if path else None
+        if profile is not None:
+            links.check_matches(profile, kind, backend_of(config))
+        found.append(profile)
+    return found[0], found[1]
+
+
+def get_profile(config: TrainConfig, request: Request, quiet: bool,
+                hooks: tuple[str, ...] = HOOKS) -> tuple[Profile, dict]:
+    if request.from_run:
+        from distcnn.forecast.sources import profile_from_run
+
+        return profile_from_run(request.from_run)
+    from distcnn.forecast.profile import profile
+    from distcnn.launch import validate
+
+    validate(config.model_copy(update={"nproc_per_node": 1, "nnodes": 1, "cluster": "none", "bandwidth": None,
+                                        "delay": None, "rdzv_endpoint": None}))
+    threads = config.threads or config.threads_per_rank(request.ranks_per_node)
+    from distcnn.forecast.profile import HOOK_SECONDS, MAIN_SECONDS
+
+    if not quiet:
+        say(f"profiling {config.model} (batch {config.batch_size}, {config.precision}) on one rank with "
+            f"{threads} thread(s): 3 warm-up steps, then about {request.profile_seconds or MAIN_SECONDS:g} s of "
+            "steps with allreduce"
+            + (f" and {HOOK_SECONDS:g} s with each of {', '.join(h for h in hooks if h != 'allreduce')}"
+               if set(hooks) - {"allreduce"} else ""))
+    main = request.profile_seconds if request.profile_seconds is not None else MAIN_SECONDS
+    profiled = profile(config, threads, quiet=quiet, hooks=hooks, alongside=sharing(config, request.ranks_per_node),
+                       main_seconds=main, hook_seconds=min(HOOK_SECONDS, main / 4))
+    return profiled.profile, profiled.meta
+
+
+def sharing(config: TrainConfig, ranks_per_node: int) -> int:
+    """The other ranks on the profiled rank's machine in the run forecast: every rank of every emulated host
+    (they all run here), else the node's other ranks when they share its CPU."""
+    from distcnn.parallel import device_type
+
+    if config.cluster == "emulated":
+        return config.nnodes * ranks_per_node - 1
+    return ranks_per_node - 1 if device_type(config.device) == "cpu" else 0
+
+
+def run_forecast(options: dict, request: Request) -> list[dict]:
+    """The forecast rows (and, unless --json, the printed tables and the plot)."""
+    nodes = helpers.parse_nodes(request.nodes)
+    rates = helpers.parse_rates(request.bandwidth)
+    latency = helpers.parse_latency(request.latency)
+    if request.profile_seconds is not None and request.profile_seconds <= 0:
+        raise UsageError(f"--profile-seconds must be above 0, got {request.profile_seconds}")
+    if request.ranks_per_node < 1:
+        raise UsageError(f"--ranks-per-node must be at least 1, got {request.ranks_per_node}")
+    if request.price_per_node_hour is not None and request.price_per_node_hour < 0:
+        raise UsageError(f"--price-per-node-hour must be 0 or more, got {request.price_per_node_hour}")
+    hooks = helpers.parse_list(request.hooks, "comm-hooks", _hook) if request.hooks else (
+        [options["comm_hook"]] if options.get("comm_hook") else list(HOOKS))
+    config = make_config(options)
+    inter, intra = load_links(request, config)
+    for rate in rates:  # a link that cannot be forecast is one line before the profile, not after it
+        for count in nodes:
+            if count * request.ranks_per_node > 1:
+                plan.link_at(inter, intra, count, rate, latency)
+    started = time.perf_counter()
+    profile, meta = get_profile(config, request, quiet=request.json, hooks=tuple(hooks))
+    sweep = plan.Sweep(nodes, rates, latency, request.ranks_per_node, hooks, config.bucket_cap_mb, config.epochs,
+                       request.price_per_node_hour, config.powersgd_rank, backend_of(config) == "gloo")
+    rows = plan.rows(profile, sweep, inter, intra)
+    for row in rows:
+        row |= {"model": config.model, "batch_size": config.batch_size, "policy": config.policy,
+                "precision": config.precision, "profile": meta.get("source")}
+    if request.json:
+        print(json.dumps(rows, indent=1))
+        return rows
+    title = (f"{config.model} · batch {config.batch_size}/rank · {config.policy} · {config.precision} · "
+             f"from {meta.get('source')}")
+    output.print_tables(rows, title, helpers.validation_line(), config.epochs)
+    best = plan.fastest(rows)
+    if best is not None:
+        say(f"fastest at {best['nodes']} nodes: {best['comm_hook']} over {links.format_rate(best['bandwidth_bits_per_s'])} "
+            f"with --bucket-cap-mb {best['best_bucket_cap_mb'] if best['best_bucket_cap_mb'] is not None else 25} "
+            f"({best['best_step_seconds'] * 1e3:.1f} ms a step); one-time warm-up measured "
+            f"{meta.get('warmup_seconds') or 0:.1f} s; forecast took {time.perf_counter() - started:.1f} s")
+    if len({row["nodes"] for row in rows}) > 1:
+        path = Path(request.plot or "runs/forecast.png")
+        say(f"plot: {output.plot(rows, path, title)}")
+    return rows
+
+
+def _hook(text: str) -> str:
+    if text not in HOOKS:
+        from distcnn.errors import nearest
+
+        raise ValueError(f"unknown comm hook; choose from {', '.join(HOOKS)}{nearest(text, HOOKS)}")
+    return text
+
+
+def check(options: dict, request: Request, run_dir: str) -> dict:
+    """A finished multi-rank run beside what the model predicts for it."""
+    from distcnn.forecast import sources
+    from distcnn.record import RunRecord
+
+    record = sources.finished(run_dir, "--check")
+    saved = RunRecord(run_dir).read_config()
+    summary = record.read_summary()
+    world = summary.get("world_size", 1)
+    if world < 2:
+        raise UsageError(f"--check {run_dir}: a one-rank run has no communication to check; give a run of "
+                         "several ranks (use it with --from instead)")
+    fields = set(TrainConfig.model_fields)
+    config = make_config({key: value for key, value in saved.items() if key in fields
+                          and key not in ("out", "resume", "prepare_only")})
+    nodes, per_node = config.nnodes, config.nproc_per_node
+    cluster = {}
+    if record.path("cluster.json").exists():
+        cluster = json.loads(record.path("cluster.json").read_text())
+    rate, latency = _caps(cluster, config)
+    request.ranks_per_node = per_node
+    inter, intra = load_links(request, config)
+    if nodes == 1 and intra is None:
+        raise UsageError(f"--check {run_dir}: its {world} ranks ran on one machine, over its loopback: give "
+                         "--intra-profile FILE (distcnn forecast --calibrate --nproc-per-node 2 measures it)")
+    environment = json.loads(record.path("environment.json").read_text()) if record.path(
+        "environment.json").exists() else {}
+    profile_config = config.model_copy(update={"threads": environment.get("threads_per_rank") or config.threads})
+    profile, meta = get_profile(profile_config, request, quiet=request.json, hooks=(config.comm_hook,))
+    link, how = plan.link_at(inter, intra, nodes, rate, latency)
+    predicted = step(profile, link, world, config.comm_hook, config.bucket_cap_mb, config.powersgd_rank,
+                     backend_of(config) == "gloo").seconds
+    measured = sources.measured_step(record)
+    result = {"run": str(record.dir), "nodes": nodes, "ranks_per_node": per_node, "bandwidth_bits_per_s": rate,
+              "latency_s": latency, "comm_hook": config.comm_hook, "bucket_cap_mb": config.bucket_cap_mb,
+              "predicted_step_seconds": predicted, "measured_step_seconds": measured,
+              "error": (predicted - measured) / measured, "link": how, "profile": meta.get("source")}
+    if request.json:
+        print(json.dumps(result, indent=1))
+    else:
+        say(f"{record.dir}: {nodes} node(s) × {per_node} rank(s), {links.format_rate(rate)}"
+            + (f" +{latency * 1e3:g} ms" if latency else "") + f", {config.comm_hook}: step predicted "
+            f"{predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms, error {result['error']:+.1%} "
+            f"(link: {how}; profile: {meta.get('source')})")
+    return result
+
+
+def _caps(cluster: dict, config: TrainConfig) -> tuple[float | None, float]:
+    """The link rate and delay a run had: its cluster.json's caps as tc showed them ("tbf rate 100Mbit burst
+    …; netem delay 1ms"), else its own --bandwidth."""
+    import re
+
+    rate, latency = None, 0.0
+    caps = (cluster.get("hosts") or [{}])[0].get("caps", "")
+    match = re.search(r"rate (\d+(?:\.\d+)?)([KMGT]?)bit", caps, re.IGNORECASE)
+    if match:
+        rate = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(2).lower()]
+    delay = re.search(r"delay (\d+(?:\.\d+)?)(us|ms|s)", caps)
+    if delay:
+        latency = float(delay.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[delay.group(2)]
+    if not caps and config.bandwidth:
+        rate = helpers.parse_rates(config.bandwidth)[0]
+    return rate, latency
+
+
+def refit(entries: list, world: int) -> list:
+    """Every link's α (and PowerSGD's chain) from the fastest one, where small messages are not slowed by the
+    rate, plus what its own added delay costs; each B_eff refitted with it."""
+    from dataclasses import replace
+
+    from distcnn.forecast.link import fit
+
+    fastest = max(entries, key=lambda entry: entry.bytes_per_s)
+    hop = fastest.alpha_s / (2 * (world - 1)) - fastest.latency_s
+    refitted = []
+    for entry in entries:
+        alpha = 2 * (world - 1) * (hop + entry.latency_s)
+        chain = None if fastest.powersgd_bucket_s is None else (
+            fastest.powersgd_bucket_s + 3 * 2 * (world - 1) * (entry.latency_s - fastest.latency_s))
+        refitted.append(replace(entry, alpha_s=alpha, bytes_per_s=fit(entry.points, world, alpha)[1],
+                                powersgd_bucket_s=chain))
+    return refitted
+
+
+def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
+    """Time allreduce on the cluster the options describe, at each --bandwidth (emulated caps), and write the
+    fitted link profile to `out`."""
+    from distcnn import parallel
+    from distcnn.forecast.link import Calibrated, LinkProfile, fit
+
+    config = make_config(options)
+    rates = helpers.parse_rates(request.bandwidth) if config.cluster == "emulated" else [None]
+    latency = helpers.parse_latency(request.latency)
+    world = config.nproc_per_node * config.nnodes
+    if world < 2:
+        raise UsageError("--calibrate times a collective between ranks: give --cluster emulated --nnodes 2 (or "
+                         "more), --nnodes N with --rdzv-endpoint for real machines, or --nproc-per-node 2 for "
+                         "the ranks of one machine")
+    if config.cluster == "emulated":
+        from distcnn import cluster
+
+        cluster.ready_hosts(config.nnodes)
+    entries, hosts = [], []
+    folder = Path(tempfile.mkdtemp(prefix="distcnn-calibrate-"))
+    try:
+        for rate in rates:
+            ring = 2 * (world - 1) / world
+            # the largest size takes about half a second, and is at least 1 MiB: far above a tbf cap's burst
+            budget = (rate / 8 if rate else 2e9) * 0.5 / ring
+            max_bytes = int(min(64 * 2**20, max(2**20, budget)))
+            run_config = config.model_copy(update={
+                "bandwidth": links.format_rate(rate) if config.cluster == "emulated" and rate else (
+                    "none" if config.cluster == "emulated" else None),
+                "delay": request.latency if config.cluster == "emulated" else None})
+            (folder / "calibration.json").unlink(missing_ok=True)
+            from distcnn.record import RunRecord, write_json
+
+            RunRecord(folder).write_config(run_config.recorded | {"out": str(folder)})
+            write_json(folder / "request.json", {"max_bytes": max_bytes, "repeats": 3})
+            say(f"calibrating {links.format_rate(rate)}" + (f" +{request.latency}" if request.latency else "")
+                + f": DDP buckets of 4 KiB to {max_bytes / 2**20:.2f} MiB over {world} ranks")
+            worker = "distcnn.forecast.calibrate_worker"
+            if config.cluster == "emulated":
+                parallel.launch_emulated(run_config, folder, worker=worker)
+            else:
+                parallel.launch(run_config, folder, worker=worker)
+            measured = json.loads((folder / "calibration.json").read_text())
+            alpha, effective = fit(measured["points"], world)
+            entries.append(Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,
+                                      measured["points"], measured["powersgd_bucket_s"]))
+            hosts = sorted(set(measured["hosts"]))
+            share = f", {effective * 8 / rate:.0%} of the rate" if rate else ""
+            say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share}, compute slowdown "
+                f"{measured['slowdown_s_per_byte'] * 1e9:.3f} ns per byte sent")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    entries = refit(entries, world)
+    for entry in entries:
+        share = f" ({entry.share:.0%} of the rate)" if entry.share else ""
+        say(f"{links.format_rate(entry.rate_bits)}: α {entry.alpha_s * 1e3:.3f} ms (from the fastest link), B_eff "
+            f"{entry.bytes_per_s * 8 / 1e6:,.1f} Mbit/s{share}")
+    scope = "inter" if config.nnodes > 1 else "intra"
+    profile = LinkProfile("emulated" if config.cluster == "emulated" else "machines", backend_of(config), scope,
+                          hosts, entries, out)
+    profile.write(Path(out))
+    say(f"link profile: {out} (use it with --link-profile {out})")
+    return profile

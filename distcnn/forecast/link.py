@@ -1,0 +1,180 @@
+"""Link profiles: what a collective costs on a given cluster, measured by `distcnn forecast --calibrate` and
+read back by later forecasts (`--link-profile FILE`).
+
+A calibration times allreduce on the cluster it runs on (distcnn.forecast.calibrate_worker): for each link it
+was run at, the median time of allreduces from 4 KiB up, and the slowdown of a compute loop while an allreduce
+runs beside it. Fitted from those points, by least squares on t = α + 2(n−1)/n · S / B_eff:
+
+    alpha_s          α(n) of the calibration's n ranks; hop_s = α / (2(n−1)) − the link's added delay
+    bytes_per_s      B_eff; share = B_eff / (link rate / 8) where the link had a cap
+    chain_hop_s      the hop of an allreduce PowerSGD issues from its last one's callback: a timed PowerSGD
+                     bucket ÷ its three allreduces (their bytes are a few KiB)
+    slowdown_s_per_byte  compute seconds lost per byte a rank sends while it computes (the fastest link's
+                     calibration: where the most bytes were sent, the best measured; a property of the hosts)
+
+A forecast at a link rate that was not calibrated takes the share, hop and slowdown of the calibrated cap
+nearest in rate (on a log scale) and says so. Without a link profile, B_eff is the nominal rate, hop and
+slowdown 0, and every row says "uncalibrated".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from distcnn.errors import UsageError
+from distcnn.forecast.model import Link
+
+FORMAT = "distcnn-link-profile/1"
+KINDS = ("emulated", "machines")  # emulated hosts on one machine, or real machines (torchrun, Slurm)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """One calibrated link: its nominal rate (None: uncapped), added delay and what was fitted."""
+
+    rate_bits: float | None
+    latency_s: float
+    alpha_s: float
+    bytes_per_s: float
+    slowdown_s_per_byte: float
+    ranks: int
+    points: list  # [[bytes, seconds], ...]: the medians the fit used
+    powersgd_bucket_s: float | None = None  # one PowerSGD bucket's chain of three allreduces, measured
+
+    @property
+    def hop_s(self) -> float:
+        return max(0.0, self.alpha_s / (2 * (self.ranks - 1)) - self.latency_s)
+
+    @property
+    def chain_hop_s(self) -> float | None:
+        """The hop of each of PowerSGD's three allreduces per bucket (their bytes are a few KiB)."""
+        if self.powersgd_bucket_s is None:
+            return None
+        return max(0.0, self.powersgd_bucket_s / 3 / (2 * (self.ranks - 1)) - self.latency_s)
+
+    @property
+    def share(self) -> float | None:
+        return self.bytes_per_s / (self.rate_bits / 8) if self.rate_bits else None
+
+
+def fit(points: list[tuple[float, float]], ranks: int, alpha: float | None = None) -> tuple[float, float]:
+    """(α, B_eff) from (bytes, seconds) medians: α the intercept of a least-squares line weighted for relative
+    error (or the α given: the per-message cost is the hosts' and the software's, best measured on the fastest
+    link), B_eff from the two largest sizes, where the bytes dominate (and a tbf cap's burst does not)."""
+    import numpy as np
+
+    ring = 2 * (ranks - 1) / ranks
+    sizes = np.array([size for size, _ in points], dtype=float) * ring
+    seconds = np.array([second for _, second in points], dtype=float)
+    if alpha is None:
+        slope, intercept = np.polyfit(sizes, seconds, 1, w=1 / seconds)
+        alpha = max(0.0, float(intercept))
+    top = np.argsort(sizes)[-2:]
+    rates = [sizes[i] / (seconds[i] - alpha) for i in top if seconds[i] > alpha]
+    return alpha, float(np.median(rates)) if rates else math.inf
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    kind: str  # emulated | machines
+    backend: str  # gloo | nccl
+    scope: str  # inter: one rank per host, between hosts; intra: ranks of one host
+    hosts: list[str]
+    entries: list[Calibrated]
+    source: str = ""
+
+    def as_dict(self) -> dict:
+        return {"format": FORMAT, "kind": self.kind, "backend": self.backend, "scope": self.scope,
+                "hosts": self.hosts, "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s, "share": entry.share}
+                                                 for entry in self.entries]}
+
+    def write(self, path: Path) -> None:
+        from distcnn.record import write_json
+
+        write_json(Path(path), self.as_dict())
+
+    def nearest(self, rate_bits: float | None) -> Calibrated:
+        """The calibrated entry for a link rate: the same cap, else the nearest on a log scale (uncapped
+        counts as its measured B_eff)."""
+        def distance(entry: Calibrated) -> float:
+            measured = entry.rate_bits or entry.bytes_per_s * 8
+            wanted = rate_bits or math.inf
+            return 0.0 if entry.rate_bits == rate_bits else abs(math.log(measured) - math.log(min(wanted, 1e15)))
+        return min(self.entries, key=distance)
+
+    def link(self, rate_bits: float | None, latency_s: float) -> tuple[Link, str]:
+        """The Link a forecast uses at this rate and delay, and where its figures come from."""
+        entry = self.nearest(rate_bits)
+        if rate_bits is None:
+            if entry.rate_bits is not None:
+                raise UsageError(f"bandwidth none (uncapped) was not calibrated in {self.source}: calibrate with "
+                                 "--bandwidth none, or give the link's rate")
+            effective, how = entry.bytes_per_s, "calibrated uncapped"
+        elif entry.rate_bits is None:
+            effective = min(entry.bytes_per_s, rate_bits / 8)
+            how = "uncapped calibration; B_eff capped at the rate"
+        else:
+            effective = entry.share * rate_bits / 8
+            how = "calibrated" if entry.rate_bits == rate_bits else \
+                f"share of the {format_rate(entry.rate_bits)} calibration"
+        return Link(effective, latency_s, entry.hop_s, self.slowdown_s_per_byte, entry.chain_hop_s), how
+
+    @property
+    def slowdown_s_per_byte(self) -> float:
+        """The CPU a byte sent costs is the hosts' (reductions, copies, the network stack), not the link's: taken
+        from the calibration that sent the most bytes (the fastest link), where it is measured best."""
+        return max(self.entries, key=lambda entry: entry.bytes_per_s).slowdown_s_per_byte
+
+
+def uncalibrated(rate_bits: float | None, latency_s: float) -> tuple[Link, str]:
+    if rate_bits is None:
+        raise UsageError("bandwidth none (uncapped) needs a measured link: give --link-profile FILE "
+                         "(distcnn forecast --calibrate writes one), or a rate such as 1gbit")
+    return Link(rate_bits / 8, latency_s), "uncalibrated (B_eff = rate, no hop latency)"
+
+
+def read(path: str | Path) -> LinkProfile:
+    """A link profile written by --calibrate; one line when the file is missing, damaged or of another kind."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--link-profile {path}: no such file (write one with distcnn forecast --calibrate)") \
+            from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"--link-profile {path}: not a link profile ({error.__class__.__name__}: {error}); "
+                         "calibrate again with distcnn forecast --calibrate") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not data.get("entries"):
+        raise UsageError(f"--link-profile {path}: not a distcnn link profile (format {FORMAT!r} expected); "
+                         "calibrate again with distcnn forecast --calibrate")
+    try:
+        entries = [Calibrated(entry["rate_bits"], entry["latency_s"], entry["alpha_s"], entry["bytes_per_s"],
+                              entry["slowdown_s_per_byte"], entry["ranks"], entry["points"],
+                              entry.get("powersgd_bucket_s"))
+                   for entry in data["entries"]]
+        return LinkProfile(data["kind"], data["backend"], data["scope"], data["hosts"], entries, str(path))
+    except (KeyError, TypeError) as error:
+        raise UsageError(f"--link-profile {path}: damaged (missing {error}); calibrate again") from None
+
+
+def check_matches(profile: LinkProfile, kind: str, backend: str) -> None:
+    """A link measured on another kind of cluster, or with another backend, says nothing about this one."""
+    if profile.kind != kind:
+        raise UsageError(f"--link-profile {profile.source} was calibrated on {profile.kind} hosts, but this "
+                         f"forecast is for {kind} hosts ({'--cluster emulated' if kind == 'emulated' else 'no --cluster emulated'}); "
+                         f"calibrate on this cluster with distcnn forecast --calibrate")
+    if profile.backend != backend:
+        raise UsageError(f"--link-profile {profile.source} measured the {profile.backend} backend, but this "
+                         f"forecast's ranks use {backend} (--device); calibrate with the same device")
+
+
+def format_rate(bits: float | None) -> str:
+    if bits is None:
+        return "uncapped"
+    for unit, size in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= size:
+            return f"{bits / size:g}{unit}"
+    return f"{bits:g}bit"

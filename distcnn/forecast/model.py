@@ -1,0 +1,196 @@
+"""The forecast's one model: a data-parallel step on n ranks from a one-rank profile and a link.
+
+    allreduce(S, n)  = α(n) + 2(n−1)/n · S / B_eff          ring allreduce of S bytes over n ranks
+    α(n)             = 2(n−1) · (hop + latency)              2(n−1) ring steps, each a message over one link
+    bucket i         starts at max(ready_i, end_{i−1}), ends start + Σ allreduce(message) of its hook
+    step             = data + augmentation + forward + broadcast(buffers)
+                       + max(backward end, last bucket's end) + optimizer + the hook's own compute
+
+`ready_i` is when the last gradient of bucket i is ready in the profiled backward pass, stretched by the
+compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends: on a
+CPU the collective's reductions and the network stack take cores). Ranks that share a machine compete for its cores,
+caches and memory bandwidth: the profile is timed with as many processes training beside it
+(distcnn.forecast.alongside), so its phases already carry that. Buckets are DDP's own, rebuilt in the
+order the gradients became ready with torch's bucket assignment (`_compute_bucket_assignment_by_size`, first
+bucket 1 MB unless a cap is given). What each hook sends per bucket: allreduce its bytes; fp16 and bf16 half;
+PowerSGD three allreduces one after another: the tensors it leaves uncompressed, then its P, then its Q
+factors (rank r), with torch's own rule for which tensors are worth compressing; each issued from the last
+one's callback, at a hop cost of its own (`chain_hop`, calibrated). On gloo, distcnn waits for
+each PowerSGD bucket's whole chain before DDP hands over the next (distcnn.comm.one_bucket_at_a_time), so
+that chain is not overlapped: backward stops while it runs (`blocking`).
+
+A node's ranks form one ring with the other nodes' ranks; a ring step is as slow as its slowest link, so
+with several nodes the link between nodes sets B_eff and latency, with one node the link inside it. DDP also
+broadcasts the module's buffers (BatchNorm statistics) from rank 0 at every forward: one message of their
+bytes, α + S / B_eff.
+
+No measurement here: the profile (distcnn.forecast.profile) and the link (distcnn.forecast.link) bring them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+HOOKS = ("allreduce", "fp16", "bf16", "powersgd")
+DEFAULT_CAP_MB = 25.0  # DDP's bucket_cap_mb
+FIRST_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket when the cap is its default (torch's _DEFAULT_FIRST_BUCKET_BYTES)
+CAPS_TRIED_MB = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
+POWERSGD_MIN_COMPRESSION_RATE = 2  # PowerSGDState's default
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """One parameter's gradient: its shape, element size and when it is ready (s into backward)."""
+
+    shape: tuple[int, ...]
+    element_size: int
+    ready_s: float
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * self.element_size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One rank's steady-state step: mean seconds per phase, and its gradients in the order they are ready."""
+
+    phases: dict[str, float]  # data_wait, augmentation, forward, backward, optimizer
+    gradients: tuple[Gradient, ...]
+    batch_size: int  # images per step per rank
+    buffer_bytes: int = 0  # what DDP broadcasts at every forward
+    hook_compute: dict[str, float] = field(default_factory=dict)  # a hook's own compute per step (s), measured
+    train_images: int | None = None  # an epoch's images (for epoch and whole-training times)
+    eval_seconds: float | None = None  # one rank's validation pass over the whole validation split
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(self.phases.values())
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a collective costs between ranks: effective bytes per second, per-message hop latency (software)
+    and added one-way delay, and the compute slowdown per byte sent while communication overlaps compute."""
+
+    bytes_per_s: float
+    latency_s: float = 0.0
+    hop_s: float = 0.0
+    slowdown_s_per_byte: float = 0.0
+    chain_hop_s: float | None = None  # hop of an allreduce issued from a future's callback (PowerSGD's chain)
+
+    def alpha(self, n: int, chained: bool = False) -> float:
+        hop = self.chain_hop_s if chained and self.chain_hop_s is not None else self.hop_s
+        return 2 * (n - 1) * (hop + self.latency_s)
+
+    def allreduce(self, size: float, n: int, chained: bool = False) -> float:
+        if n <= 1:
+            return 0.0
+        return self.alpha(n, chained) + 2 * (n - 1) / n * size / self.bytes_per_s
+
+    def broadcast(self, size: float, n: int) -> float:
+        if n <= 1 or size <= 0:
+            return 0.0
+        return self.hop_s + self.latency_s + size / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class Step:
+    """The forecast of one step on n ranks, with what it is made of."""
+
+    seconds: float
+    compute_seconds: float  # the same step with no communication at all
+    comm_seconds: float  # the buckets' collectives, end to end, overlapped or not
+    wire_bytes: float  # bytes one rank sends per step (ring: 2(n−1)/n of each message)
+    buckets: int
+
+    @property
+    def exposed_comm_share(self) -> float:
+        return max(0.0, self.seconds - self.compute_seconds) / self.seconds if self.seconds else 0.0
+
+
+def bucket_caps(cap_mb: float | None) -> list[int]:
+    """DDP's bucket size limits after its rebuild: [first, then] (its 1 MB first bucket only at the default)."""
+    if cap_mb is None:
+        return [FIRST_BUCKET_BYTES, int(DEFAULT_CAP_MB * 1024 * 1024)]
+    return [int(cap_mb * 1024 * 1024)] * 2
+
+
+def buckets(gradients: tuple[Gradient, ...], cap_mb: float | None) -> list[list[Gradient]]:
+    """The gradients grouped as DDP groups them after its rebuild: torch's own assignment by size, over the
+    gradients in the order they became ready."""
+    import torch
+    import torch.distributed as dist
+
+    if not gradients:
+        return []
+    dtypes = {1: torch.uint8, 2: torch.float16, 4: torch.float32, 8: torch.float64}
+    tensors = [torch.empty(g.shape, dtype=dtypes[g.element_size], device="meta") for g in gradients]
+    indices, _ = dist._compute_bucket_assignment_by_size(tensors, bucket_caps(cap_mb))
+    return [[gradients[i] for i in bucket] for bucket in indices]
+
+
+def messages(bucket: list[Gradient], hook: str, powersgd_rank: int = 1) -> list[float]:
+    """Bytes of each allreduce a hook issues for one bucket, in order."""
+    size = sum(g.bytes for g in bucket)
+    if hook == "allreduce":
+        return [size]
+    if hook in ("fp16", "bf16"):
+        return [sum(g.numel for g in bucket) * 2]
+    if hook != "powersgd":
+        raise ValueError(f"unknown comm hook {hook!r}")
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+    uncompressed = p = q = 0
+    for g in bucket:
+        n = g.shape[0] if g.shape else 1
+        m = g.numel // n if n else 0
+        rank = min(n, m, powersgd_rank)
+        if _should_compress(n, m, rank, POWERSGD_MIN_COMPRESSION_RATE)[0]:
+            p, q = p + n * rank * g.element_size, q + m * rank * g.element_size
+        else:
+            uncompressed += g.bytes
+    return [uncompressed, p, q]
+
+
+def step(profile: Profile, link: Link, n: int, hook: str = "allreduce", cap_mb: float | None = None,
+         powersgd_rank: int = 1, blocking_powersgd: bool = True) -> Step:
+    """The step of `profile` on n ranks over `link`, with `hook` and DDP buckets of `cap_mb`."""
+    if n <= 1:
+        return Step(profile.compute_seconds, profile.compute_seconds, 0.0, 0.0, 0)
+    phases, compute = profile.phases, profile.compute_seconds
+    groups = buckets(profile.gradients, cap_mb)
+    sent = [messages(bucket, hook, powersgd_rank) for bucket in groups]
+    wire = sum(2 * (n - 1) / n * size for sizes in sent for size in sizes)
+    backward = phases.get("backward", 0.0)
+    stretch = 1 + (link.slowdown_s_per_byte * wire / backward if backward else 0.0)
+    blocking = hook == "powersgd" and blocking_powersgd
+    free = held = comm = 0.0  # when the collective is free; compute held back by blocking chains
+    for bucket, sizes in zip(groups, sent):
+        ready = max(g.ready_s for g in bucket) * stretch + held  # ready times as measured, stretched alike
+        start = max(ready, free)
+        took = sum(link.allreduce(size, n, chained=hook == "powersgd") for size in sizes)
+        free, comm = start + took, comm + took
+        if blocking:
+            held += free - ready
+    backward_end = backward * stretch + held
+    forward = phases.get("forward", 0.0) + link.broadcast(profile.buffer_bytes, n)
+    rest = compute - backward - phases.get("forward", 0.0)
+    seconds = rest + forward + max(backward_end, free) + profile.hook_compute.get(hook, 0.0)
+    return Step(seconds, compute, comm, wire, len(groups))
+
+
+def best_cap(profile: Profile, link: Link, n: int, hook: str, powersgd_rank: int = 1,
+             caps: tuple[float, ...] = CAPS_TRIED_MB) -> tuple[float | None, Step]:
+    """The bucket cap (MB) of `caps` (and DDP's default, None) with the shortest forecast step."""
+    tried = [(cap, step(profile, link, n, hook, cap, powersgd_rank)) for cap in (None, *caps)]
+    return min(tried, key=lambda pair: pair[1].seconds)
+
+
+def with_phases(profile: Profile, **phases: float) -> Profile:
+    return replace(profile, phases=profile.phases | phases)
