@@ -1,7 +1,9 @@
 """Is the forecast right? Predicted against measured step time on real 2-host jobs of the emulated cluster.
 
 1. Calibrate (kept apart: these are the only measurements the model is fitted to): `distcnn forecast
-   --calibrate` on the 2 emulated hosts at each link cap used below (α, B_eff, compute slowdown per byte).
+   --calibrate` on the 2 emulated hosts at each link cap used below (α, B_eff, PowerSGD's chain, compute
+   slowdown per byte), and its reference run (simplecnn, batch 96: no scored configuration) for the compute
+   factor.
 2. Profile each (model, batch) on one rank, one thread, on this machine (distcnn.forecast.profile).
 3. Score: train each configuration for real on the 2 emulated hosts (one rank, one thread each), measure its
    steady step (epoch 2 of 2), and set it beside the forecast for it. None of these runs is fitted to.
@@ -59,6 +61,8 @@ CONFIGS = [
     ("mobilenetv3_small_050", 16, "none", "fp16", 0.05, "latency"),
 ]
 QUICK = [0, 5, 9, 12, 13]
+# the calibration's reference run, which its compute factor is fitted on: no scored configuration is it
+REFERENCE = ["--model", "simplecnn", "--batch-size", "96", "--data", "synthetic:n=4000,test=64"]
 
 
 def data(batch: int, steps: int) -> str:
@@ -101,7 +105,7 @@ def main() -> None:
             rates = sorted({rate for _, _, rate, *_ in configs}, key=RATES.index)
             calibrate = subprocess.run(
                 [sys.executable, "-m", "distcnn", "forecast", "--calibrate", "--cluster", "emulated", "--nnodes",
-                 "2", "--bandwidth", ",".join(rates), "--link-profile", str(profile_path)],
+                 "2", "--bandwidth", ",".join(rates), "--link-profile", str(profile_path), *REFERENCE],
                 cwd=ROOT, capture_output=True, text=True)
             if calibrate.returncode != 0:
                 raise SystemExit(f"calibration failed:\n{calibrate.stderr[-2000:]}")
@@ -116,6 +120,11 @@ def main() -> None:
                                     f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
                                     f"{entry.slowdown_s_per_byte * 1e9:.3f}", str(len(entry.points)))
             console.print(calibration)
+            reference = link_profile.reference or {}
+            console.print(f"compute factor {link_profile.compute_factor:.3f}, fitted on the reference run "
+                          f"({' '.join(REFERENCE)}, 2 hosts, {links.format_rate(reference.get('rate_bits'))}): "
+                          f"step measured {reference.get('measured_step_seconds', 0) * 1e3:.1f} ms, "
+                          f"{reference.get('predicted_step_seconds_at_1', 0) * 1e3:.1f} ms forecast at factor 1")
             profiles: dict[tuple, model.Profile] = {}
             results = []
             for i, (name, batch, rate, hook, cap, regime) in enumerate(configs):
@@ -149,20 +158,23 @@ def main() -> None:
     report(console, results, cap_rows, started, args)
 
 
+CAP_CHECKS = [("resnet18", 32, "1gbit"), ("deepcnn", 32, "100mbit"), ("mobilenetv3_small_050", 32, "100mbit")]
+
+
 def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]:
-    """The cap the model recommends for resnet18 at 1gbit, trained beside DDP's default."""
-    name, batch, rate, hook = "resnet18", 32, "1gbit", "allreduce"
-    if (name, batch) not in profiles:
-        return []
-    link, _ = link_profile.link(parse_bandwidth(rate), 0.0)
-    cap, best = model.best_cap(profiles[(name, batch)], link, 2, hook)
+    """Where the model recommends a bucket cap other than DDP's default, both trained side by side."""
     rows = []
-    for label, chosen in (("default (25 MB)", None), (f"recommended ({cap} MB)", cap)):
-        if label.startswith("recommended") and cap is None:
+    for name, batch, rate in CAP_CHECKS:
+        if (name, batch) not in profiles:
             continue
-        record = train(folder / f"cap-{chosen}", name, batch, rate, hook, chosen, steps)
-        rows.append({"cap": label, "predicted": model.step(profiles[(name, batch)], link, 2, hook, chosen).seconds,
-                     "measured": sources.measured_step(record)})
+        link, _ = link_profile.link(parse_bandwidth(rate), 0.0)
+        cap, _ = model.best_cap(profiles[(name, batch)], link, 2, "allreduce")
+        chosen = [("default (25 MB)", None)] + ([(f"recommended ({cap:g} MB)", cap)] if cap is not None else [])
+        for label, value in chosen:
+            record = train(folder / f"cap-{name}-{value}", name, batch, rate, "allreduce", value, steps)
+            rows.append({"config": f"{name} b{batch} {rate}", "cap": label,
+                         "predicted": model.step(profiles[(name, batch)], link, 2, "allreduce", value).seconds,
+                         "measured": sources.measured_step(record)})
     return rows
 
 
@@ -192,11 +204,11 @@ def report(console: Console, results: list[dict], cap_rows: list[dict], started:
     tau = kendalltau([row["predicted"] for row in results], [row["measured"] for row in results]).statistic
     console.print(f"Kendall tau of the {len(results)} configurations' step times, predicted vs measured: {tau:.3f}")
     if cap_rows:
-        caps = Table(title="bucket cap: resnet18, batch 32, 1gbit, allreduce, 2 hosts")
-        for column in ("cap", "predicted ms", "measured ms"):
+        caps = Table(title="bucket cap the model recommends (allreduce, 2 hosts) beside DDP's default, both trained")
+        for column in ("configuration", "cap", "predicted ms", "measured ms"):
             caps.add_column(column, justify="right")
         for row in cap_rows:
-            caps.add_row(row["cap"], f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}")
+            caps.add_row(row["config"], row["cap"], f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}")
         console.print(caps)
     console.print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
     if args.write_validation and not args.quick:

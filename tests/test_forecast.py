@@ -234,11 +234,14 @@ def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_l
     try:
         link_file = tmp_path / "link.json"
         calibrated = run_cli("forecast", "--calibrate", "--cluster", "emulated", "--nnodes", "2", "--bandwidth",
-                             "1gbit", "--link-profile", str(link_file), timeout=300)
+                             "1gbit", "--link-profile", str(link_file), "--model", "lenet", "--batch-size", "32",
+                             "--data", "synthetic:n=1000,test=64", "--profile-seconds", "1", timeout=300)
         assert calibrated.returncode == 0, calibrated.stderr[-3000:]
         entry = json.loads(link_file.read_text())["entries"][0]
         assert entry["rate_bits"] == 1e9 and entry["alpha_s"] > 0 and 0.2 < entry["share"] < 1.5
         assert len(entry["points"]) >= 5 and entry["powersgd_bucket_s"] > 0
+        fitted = json.loads(link_file.read_text())
+        assert 0.25 < fitted["compute_factor"] < 4 and fitted["reference"]["model"] == "lenet"
         out = tmp_path / "run"
         job = run_cli("train", "--cluster", "emulated", "--nnodes", "2", "--bandwidth", "1gbit", "--model",
                       "simplecnn", "--data", "synthetic:n=1000,test=64", "--epochs", "2", "--batch-size", "32",

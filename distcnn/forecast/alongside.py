@@ -41,15 +41,17 @@ class Alongside:
         (self.folder / "config.json").write_text(json.dumps(self.config.model_dump()))
         env = os.environ | {"OMP_NUM_THREADS": str(self.threads)}
         for i in range(self.count):
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "distcnn.forecast.alongside", str(self.folder / "config.json"),
-                 str(self.threads), str(self.folder / f"ready{i}")], env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE))
+            with open(self.folder / f"log{i}", "wb") as log:  # a file: a pipe nobody reads could fill and block
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "distcnn.forecast.alongside", str(self.folder / "config.json"),
+                     str(self.threads), str(self.folder / f"ready{i}")], env=env, stdout=subprocess.DEVNULL,
+                    stderr=log))
         deadline = time.monotonic() + READY_TIMEOUT
         while not all((self.folder / f"ready{i}").exists() for i in range(self.count)):
-            failed = [process for process in self.processes if process.poll() is not None]
+            failed = [i for i, process in enumerate(self.processes) if process.poll() is not None]
             if failed or time.monotonic() > deadline:
-                problem = failed[0].stderr.read().decode(errors="replace").strip().splitlines() if failed else []
+                log = self.folder / f"log{failed[0]}" if failed else None
+                problem = log.read_text(errors="replace").strip().splitlines() if log else []
                 self.__exit__(None, None, None)
                 raise UsageError("the ranks beside the profile did not start: "
                                  + (problem[-1] if problem else f"not ready after {READY_TIMEOUT:.0f} s"))

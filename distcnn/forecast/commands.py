@@ -227,6 +227,54 @@ def refit(entries: list, world: int) -> list:
     return refitted
 
 
+REFERENCE_STEPS = 12  # steps per rank per epoch of the reference run
+
+
+def fit_compute_factor(config: TrainConfig, request: Request, profile: links.LinkProfile) -> links.LinkProfile:
+    """Train the calibration's own configuration for real on these ranks (two short epochs, over the fastest
+    calibrated link), profile it on one rank, and find the compute factor with which the model's step equals
+    the measured one. The configuration is the user's: keep it apart from those a forecast is judged on."""
+    from dataclasses import replace
+
+    from distcnn.forecast.sources import measured_step
+    from distcnn.launch import run
+    from distcnn.record import RunRecord
+
+    fastest = max(profile.entries, key=lambda entry: entry.bytes_per_s)
+    world = config.nproc_per_node * config.nnodes
+    folder = Path(tempfile.mkdtemp(prefix="distcnn-reference-"))
+    try:
+        images = int(world * config.batch_size * REFERENCE_STEPS / (1 - config.val_fraction)) + world
+        reference = config.model_copy(update={
+            "epochs": 2, "train_subset": images, "out": str(folder / "run"), "resume": False, "comm_hook": "allreduce",
+            "telemetry": "on", "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
+            if config.cluster == "emulated" else None, "delay": None, "name": "reference"})
+        say(f"reference run: {config.model}, batch {config.batch_size}, {world} ranks over "
+            f"{links.format_rate(fastest.rate_bits)}, 2 epochs of {REFERENCE_STEPS} steps")
+        run(reference)
+        measured = measured_step(RunRecord(folder / "run"))
+        request.ranks_per_node = config.nproc_per_node
+        prof, _ = get_profile(reference, request, quiet=True, hooks=("allreduce",))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    link, _ = profile.link(fastest.rate_bits, 0.0)
+
+    def predicted(factor: float) -> float:
+        return step(prof, replace(link, compute_factor=factor), world, "allreduce", config.bucket_cap_mb).seconds
+
+    low, high = 0.25, 4.0
+    for _ in range(40):  # the step grows with the factor: bisect
+        middle = (low + high) / 2
+        low, high = (middle, high) if predicted(middle) < measured else (low, middle)
+    factor = (low + high) / 2
+    say(f"reference run: step measured {measured * 1e3:.1f} ms, profile predicted {predicted(1.0) * 1e3:.1f} ms "
+        f"at factor 1: compute factor {factor:.3f}")
+    return replace(profile, compute_factor=factor, reference={
+        "model": config.model, "batch_size": config.batch_size, "world_size": world,
+        "rate_bits": fastest.rate_bits, "measured_step_seconds": measured,
+        "predicted_step_seconds_at_1": predicted(1.0)})
+
+
 def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     """Time allreduce on the cluster the options describe, at each --bandwidth (emulated caps), and write the
     fitted link profile to `out`."""
@@ -285,8 +333,10 @@ def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
         say(f"{links.format_rate(entry.rate_bits)}: α {entry.alpha_s * 1e3:.3f} ms (from the fastest link), B_eff "
             f"{entry.bytes_per_s * 8 / 1e6:,.1f} Mbit/s{share}")
     scope = "inter" if config.nnodes > 1 else "intra"
-    profile = LinkProfile("emulated" if config.cluster == "emulated" else "machines", backend_of(config), scope,
-                          hosts, entries, out)
+    kind = "emulated" if config.cluster == "emulated" else "machines"
+    profile = LinkProfile(kind, backend_of(config), scope, hosts, entries, out)
+    if kind == "emulated" or config.nnodes == 1:
+        profile = fit_compute_factor(config, request, profile)
     profile.write(Path(out))
     say(f"link profile: {out} (use it with --link-profile {out})")
     return profile

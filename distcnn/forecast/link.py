@@ -12,6 +12,11 @@ runs beside it. Fitted from those points, by least squares on t = α + 2(n−1)/
     slowdown_s_per_byte  compute seconds lost per byte a rank sends while it computes (the fastest link's
                      calibration: where the most bytes were sent, the best measured; a property of the hosts)
 
+    compute_factor   a run's compute on these ranks ÷ what its one-rank profile measured: fitted on a short
+                     reference run of the calibration's own configuration (its model, batch, one epoch after
+                     another) over the fastest link, where compute dominates (emulated hosts and one machine;
+                     1 on real machines, where the reference would need every node)
+
 A forecast at a link rate that was not calibrated takes the share, hop and slowdown of the calibrated cap
 nearest in rate (on a log scale) and says so. Without a link profile, B_eff is the nominal rate, hop and
 slowdown 0, and every row says "uncalibrated".
@@ -85,10 +90,13 @@ class LinkProfile:
     hosts: list[str]
     entries: list[Calibrated]
     source: str = ""
+    compute_factor: float = 1.0  # a run's compute ÷ its profile's, fitted on `reference` (1: not fitted)
+    reference: dict | None = None  # the run it was fitted on: config, measured and predicted step
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, "kind": self.kind, "backend": self.backend, "scope": self.scope,
-                "hosts": self.hosts, "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s, "share": entry.share}
+                "hosts": self.hosts, "compute_factor": self.compute_factor, "reference": self.reference,
+                "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s, "share": entry.share}
                                                  for entry in self.entries]}
 
     def write(self, path: Path) -> None:
@@ -120,7 +128,8 @@ class LinkProfile:
             effective = entry.share * rate_bits / 8
             how = "calibrated" if entry.rate_bits == rate_bits else \
                 f"share of the {format_rate(entry.rate_bits)} calibration"
-        return Link(effective, latency_s, entry.hop_s, self.slowdown_s_per_byte, entry.chain_hop_s), how
+        return Link(effective, latency_s, entry.hop_s, self.slowdown_s_per_byte, self.compute_factor,
+                    entry.chain_hop_s), how
 
     @property
     def slowdown_s_per_byte(self) -> float:
@@ -155,7 +164,8 @@ def read(path: str | Path) -> LinkProfile:
                               entry["slowdown_s_per_byte"], entry["ranks"], entry["points"],
                               entry.get("powersgd_bucket_s"))
                    for entry in data["entries"]]
-        return LinkProfile(data["kind"], data["backend"], data["scope"], data["hosts"], entries, str(path))
+        return LinkProfile(data["kind"], data["backend"], data["scope"], data["hosts"], entries, str(path),
+                           float(data.get("compute_factor", 1.0)), data.get("reference"))
     except (KeyError, TypeError) as error:
         raise UsageError(f"--link-profile {path}: damaged (missing {error}); calibrate again") from None
 

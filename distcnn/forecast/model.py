@@ -10,7 +10,10 @@
 compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends: on a
 CPU the collective's reductions and the network stack take cores). Ranks that share a machine compete for its cores,
 caches and memory bandwidth: the profile is timed with as many processes training beside it
-(distcnn.forecast.alongside), so its phases already carry that. Buckets are DDP's own, rebuilt in the
+(distcnn.forecast.alongside), so its phases already carry that. What a run of n ranks adds to its compute
+beyond that (the collective's threads, the launcher's agents, the trainer's own bookkeeping, waiting for the
+slowest rank at DDP's buffer broadcast) is one factor, `compute_factor`, fitted by --calibrate on a reference
+run of the cluster and applied to every phase. Buckets are DDP's own, rebuilt in the
 order the gradients became ready with torch's bucket assignment (`_compute_bucket_assignment_by_size`, first
 bucket 1 MB unless a cap is given). What each hook sends per bucket: allreduce its bytes; fp16 and bf16 half;
 PowerSGD three allreduces one after another: the tensors it leaves uncompressed, then its P, then its Q
@@ -82,6 +85,7 @@ class Link:
     latency_s: float = 0.0
     hop_s: float = 0.0
     slowdown_s_per_byte: float = 0.0
+    compute_factor: float = 1.0  # a run's compute on n ranks ÷ the profile's, fitted on a reference run
     chain_hop_s: float | None = None  # hop of an allreduce issued from a future's callback (PowerSGD's chain)
 
     def alpha(self, n: int, chained: bool = False) -> float:
@@ -163,7 +167,9 @@ def step(profile: Profile, link: Link, n: int, hook: str = "allreduce", cap_mb: 
     """The step of `profile` on n ranks over `link`, with `hook` and DDP buckets of `cap_mb`."""
     if n <= 1:
         return Step(profile.compute_seconds, profile.compute_seconds, 0.0, 0.0, 0)
-    phases, compute = profile.phases, profile.compute_seconds
+    factor = link.compute_factor
+    phases = {phase: seconds * factor for phase, seconds in profile.phases.items()}
+    compute = sum(phases.values())
     groups = buckets(profile.gradients, cap_mb)
     sent = [messages(bucket, hook, powersgd_rank) for bucket in groups]
     wire = sum(2 * (n - 1) / n * size for sizes in sent for size in sizes)
@@ -172,7 +178,7 @@ def step(profile: Profile, link: Link, n: int, hook: str = "allreduce", cap_mb: 
     blocking = hook == "powersgd" and blocking_powersgd
     free = held = comm = 0.0  # when the collective is free; compute held back by blocking chains
     for bucket, sizes in zip(groups, sent):
-        ready = max(g.ready_s for g in bucket) * stretch + held  # ready times as measured, stretched alike
+        ready = max(g.ready_s for g in bucket) * factor * stretch + held  # as measured, stretched alike
         start = max(ready, free)
         took = sum(link.allreduce(size, n, chained=hook == "powersgd") for size in sizes)
         free, comm = start + took, comm + took
