@@ -60,17 +60,15 @@ def get_profile(config: TrainConfig, request: Request, quiet: bool,
         from distcnn.forecast.sources import profile_from_run
 
         return profile_from_run(request.from_run)
-    from distcnn.forecast.profile import profile
+    from distcnn.forecast.profile import HOOK_SECONDS, MAIN_SECONDS, WARMUP_STEPS, profile
     from distcnn.launch import validate
 
     validate(config.model_copy(update={"nproc_per_node": 1, "nnodes": 1, "cluster": "none", "bandwidth": None,
                                         "delay": None, "rdzv_endpoint": None}))
     threads = config.threads or config.threads_per_rank(request.ranks_per_node)
-    from distcnn.forecast.profile import HOOK_SECONDS, MAIN_SECONDS
-
     if not quiet:
         say(f"profiling {config.model} (batch {config.batch_size}, {config.precision}) on one rank with "
-            f"{threads} thread(s): 3 warm-up steps, then about {request.profile_seconds or MAIN_SECONDS:g} s of "
+            f"{threads} thread(s): {WARMUP_STEPS} warm-up steps, then about {request.profile_seconds or MAIN_SECONDS:g} s of "
             "steps with allreduce"
             + (f" and {HOOK_SECONDS:g} s with each of {', '.join(h for h in hooks if h != 'allreduce')}"
                if set(hooks) - {"allreduce"} else ""))
@@ -195,17 +193,13 @@ def _caps(cluster: dict, config: TrainConfig) -> tuple[float | None, float]:
     …; netem delay 1ms"), else its own --bandwidth."""
     import re
 
-    rate, latency = None, 0.0
     caps = (cluster.get("hosts") or [{}])[0].get("caps", "")
-    match = re.search(r"rate (\d+(?:\.\d+)?)([KMGT]?)bit", caps, re.IGNORECASE)
-    if match:
-        rate = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(2).lower()]
-    delay = re.search(r"delay (\d+(?:\.\d+)?)(us|ms|s)", caps)
-    if delay:
-        latency = float(delay.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[delay.group(2)]
-    if not caps and config.bandwidth:
-        rate = helpers.parse_rates(config.bandwidth)[0]
-    return rate, latency
+    if not caps:
+        return (helpers.parse_rates(config.bandwidth)[0] if config.bandwidth else None), 0.0
+    rate = re.search(r"rate (\d+(?:\.\d+)?[KMGT]?bit)", caps, re.IGNORECASE)
+    delay = re.search(r"delay (\d+(?:\.\d+)?(?:us|ms|s))", caps)
+    return (helpers.parse_rates(rate.group(1))[0] if rate else None,
+            helpers.parse_latency(delay.group(1)) if delay else 0.0)
 
 
 def refit(entries: list, world: int) -> list:

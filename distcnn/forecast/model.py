@@ -50,6 +50,12 @@ class Gradient:
     element_size: int
     ready_s: float
 
+    @classmethod
+    def of(cls, row: dict) -> Gradient:
+        """From a row of distcnn.telemetry.gradients.GradientReadiness.read (shape, bytes, ready_s)."""
+        shape = tuple(row["shape"])
+        return cls(shape, row["bytes"] // max(1, math.prod(shape)), row["ready_s"])
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

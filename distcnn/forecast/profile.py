@@ -95,8 +95,7 @@ def _profile(config: TrainConfig, ranks: Ranks, threads: int, started: float, qu
         say(f"profiled {main['steps']} steps with allreduce in {time.perf_counter() - started:.1f} s; "
             f"{len(others)} more hook(s), about {more:.0f} s")
     runs = {"allreduce": main} | {hook: loop.run(hook, hook_seconds) for hook in others}
-    gradients = tuple(Gradient(tuple(row["shape"]), row["element_size"], row["ready_s"])
-                      for row in main["gradients"])
+    gradients = tuple(Gradient.of(row) for row in main["gradients"])
     eval_seconds = _eval_seconds(model, splits, ranks, memory_format, config)
     prof = Profile(
         phases={phase: statistics.fmean(s.get(phase, 0.0) for s in main["phases"]) for phase in PHASES},
@@ -197,8 +196,7 @@ class _Loop:
                 break
         phases = timer.finish()
         del step_model, ddp  # its reducer's autograd hooks go with it, before the next hook's DDP
-        backward = [s["backward"] for s in phases]
-        result = {"phases": phases, "backward": backward, "steps": len(phases), "warmup_seconds": warm,
+        result = {"phases": phases, "steps": len(phases), "warmup_seconds": warm,
                   "bytes_per_step": statistics.fmean(counted), "hook_seconds": statistics.median(hook_seconds)}
         if marks:
             result["gradients"] = _median_readiness(marks)
@@ -230,18 +228,8 @@ def _median_readiness(marks: list[list[dict]]) -> list[dict]:
         times = [row["ready_s"] for row in rows if row["ready_s"] is not None]
         if not times:
             continue  # a parameter that never gets a gradient is in no bucket's wait
-        first = rows[0]
-        element = first["bytes"] // max(1, _numel(first["shape"]))
-        merged.append({"name": name, "shape": first["shape"], "element_size": element,
-                       "ready_s": statistics.median(times)})
+        merged.append(rows[0] | {"ready_s": statistics.median(times)})
     return sorted(merged, key=lambda row: row["ready_s"])
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 @torch.inference_mode()

@@ -8,16 +8,12 @@ either way. The gradients and their ready times come from the run's gradients.js
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from distcnn.errors import UsageError
 from distcnn.forecast.model import Gradient, Profile
 from distcnn.record import RunRecord
 from distcnn.summary import PHASES
-
-ELEMENT_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
 
 def finished(run_dir: str | Path, flag: str) -> RunRecord:
     record = RunRecord(run_dir)
@@ -68,8 +64,7 @@ def profile_from_run(run_dir: str | Path) -> tuple[Profile, dict]:
     rows = [row for row in gradients["parameters"] if row.get("ready_s") is not None]
     profile = Profile(
         phases=steady_phases(record),
-        gradients=tuple(Gradient(tuple(row["shape"]), ELEMENT_SIZES.get(row["dtype"], row["bytes"] // max(
-            1, math.prod(row["shape"]))), row["ready_s"]) for row in rows),
+        gradients=tuple(Gradient.of(row) for row in rows),
         batch_size=config["batch_size"], buffer_bytes=gradients.get("buffer_bytes", 0),
         train_images=summary.get("train_images"),
         eval_seconds=(summary["eval_seconds"] / summary["epochs_run"]) if summary.get("eval_seconds") and
