@@ -172,7 +172,6 @@ def run(config: TrainConfig) -> dict | None:
         if record.finished:
             say(f"{record.dir} is already finished; nothing to do")
             return finished_summary(config, record)
-        ownership.mark_parent()  # the ranks and node agents started below die with this process
         try:
             if config.cluster == "emulated":
                 parallel.launch_emulated(config, record.dir)

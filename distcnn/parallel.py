@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distcnn import ownership
 from distcnn.config import TrainConfig, available_cores
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.record import HOST_ENV, host_name
@@ -239,6 +240,7 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    ownership.mark_parent()  # the ranks torchrun starts die with this process (not with whoever set it before)
     threads = config.threads_per_rank(config.nproc_per_node, gpu=device_type(config.device) == "cuda")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
@@ -369,6 +371,7 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
     from distcnn import cluster
     from distcnn.record import write_json
 
+    ownership.mark_parent()  # the node agents die with this process (not with whoever set it before)
     members = cluster.ready_hosts(config.nnodes)
     if config.bandwidth is not None or config.delay is not None:
         cluster.set_caps(members, config.bandwidth, config.delay)
