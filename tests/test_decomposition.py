@@ -13,15 +13,29 @@ from distcnn.errors import UsageError
 from distcnn.models import count_params, create_model
 
 
+def subimages(layout, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each local CNN's subimage of `images`, cut as training cuts it (LocalCNN.subimage), row-major."""
+    from distcnn.decomposition.models import LocalCNN
+
+    return [LocalCNN(torch.nn.Identity(), layout, k).subimage(images) for k in range(len(layout.boxes))]
+
+
 @pytest.mark.parametrize("grid, size", [("2x2", 28), ("4x4", 28), ("3x3", 28), ("2x4", 32), ("1x1", 28),
                                         ("3x2", 31)])
-def test_cutting_and_putting_back_gives_the_image_exactly(grid, size):
+def test_the_local_cnns_subimages_cover_the_image_exactly(grid, size):
     images = torch.rand(5, 3, size, size + 1)
     layout = Grid.parse(grid).layout(size, size + 1)
-    pieces = layout.cut(images)
-    rows, cols = Grid.parse(grid).rows, Grid.parse(grid).cols
-    assert pieces.shape == (5, rows * cols, 3, layout.sub_height, layout.sub_width)
-    assert torch.equal(layout.assemble(pieces), images)
+    pieces = subimages(layout, images)
+    assert len(pieces) == Grid.parse(grid).rows * Grid.parse(grid).cols
+    assert all(piece.shape == (5, 3, layout.sub_height, layout.sub_width) for piece in pieces)
+    covered = torch.zeros(size, size + 1, dtype=torch.long)
+    put_back = torch.full_like(images, float("nan"))
+    for piece, (top, left) in zip(pieces, layout.boxes):  # each piece is the image's pixels at its box
+        assert torch.equal(piece, images[..., top:top + layout.sub_height, left:left + layout.sub_width])
+        put_back[..., top:top + layout.sub_height, left:left + layout.sub_width] = piece
+        covered[top:top + layout.sub_height, left:left + layout.sub_width] += 1
+    assert torch.equal(put_back, images) and bool((covered >= 1).all())  # no pixel lost (a grid that does not
+    # divide the image makes neighbours share a band)
 
 
 def test_a_grid_that_divides_the_image_is_a_plain_partition():
@@ -33,14 +47,14 @@ def test_a_grid_that_divides_the_image_is_a_plain_partition():
 def test_with_overlap_neighbours_share_equal_bands_at_least_that_wide():
     images = torch.rand(2, 1, 28, 28)
     layout = Grid.parse("2x2", overlap=3).layout(28, 28)
-    pieces = layout.cut(images)
+    pieces = subimages(layout, images)
     (top0, left0), (top1, left1) = layout.boxes[0], layout.boxes[1]  # neighbours along a row
     band = left0 + layout.sub_width - left1
     assert band >= 3
-    assert torch.equal(pieces[:, 0, ..., -band:], pieces[:, 1, ..., :band])
+    assert torch.equal(pieces[0][..., -band:], pieces[1][..., :band])
     below = layout.boxes[2][0]
     band = top0 + layout.sub_height - below
-    assert band >= 3 and torch.equal(pieces[:, 0, :, -band:, :], pieces[:, 2, :, :band, :])
+    assert band >= 3 and torch.equal(pieces[0][..., -band:, :], pieces[2][..., :band, :])
 
 
 @pytest.mark.parametrize("grid, overlap, message", [

@@ -81,17 +81,3 @@ class Layout:
     def share(self) -> float:
         """The fraction of the image's pixels one subimage holds (what a local CNN's size follows)."""
         return self.sub_height * self.sub_width / (self.height * self.width)
-
-    def cut(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, P·Q, C, h, w), row-major, in one gather of views (no copy until used)."""
-        pieces = [images[..., top:top + self.sub_height, left:left + self.sub_width] for top, left in self.boxes]
-        return torch.stack(pieces, dim=1)
-
-    def assemble(self, pieces: torch.Tensor) -> torch.Tensor:
-        """The inverse of `cut`: (N, P·Q, C, h, w) -> (N, C, H, W); where subimages overlap, the later one is
-        written last (they hold the same pixels when cut from one image)."""
-        n, _, channels = pieces.shape[:3]
-        image = pieces.new_zeros(n, channels, self.height, self.width)
-        for k, (top, left) in enumerate(self.boxes):
-            image[..., top:top + self.sub_height, left:left + self.sub_width] = pieces[:, k]
-        return image
