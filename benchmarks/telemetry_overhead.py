@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchdata import data_spec
-from distcnn import parallel
+from distcnn.parallel import world as group
 from distcnn.config import make_config
 from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
 from distcnn.record import RunRecord
@@ -43,7 +43,7 @@ def measure(args, world: int) -> dict:
     options = {"data": args.data, "model": args.model, "train_subset": args.subset, "batch_size": args.batch,
                "val_fraction": 0.0, "epochs": 1000, "nproc_per_node": world, "sample_interval": args.interval}
     configs = {mode: make_config(options | {"telemetry": mode}) for mode in ("on", "off")}
-    ranks = parallel.setup(configs["on"])
+    ranks = group.setup(configs["on"])
     folder = Path(args.folder)
     trainers, accountings = {}, {}
     for mode, config in configs.items():
@@ -56,11 +56,11 @@ def measure(args, world: int) -> dict:
         for mode in (("on", "off") if round_ % 2 else ("off", "on")):
             if mode == "on":
                 sampler.start()
-            parallel.barrier(ranks)
+            group.barrier(ranks)
             start = time.perf_counter()
             trainers[mode]._train_epoch(round_)
             accountings[mode].end_epoch(round_)
-            elapsed = parallel.all_reduce_max(time.perf_counter() - start, ranks)
+            elapsed = group.all_reduce_max(time.perf_counter() - start, ranks)
             if mode == "on":
                 sampler.stop()
             if round_:
@@ -68,7 +68,7 @@ def measure(args, world: int) -> dict:
     steps = trainers["on"].steps_per_epoch
     components = component_costs(accountings["on"], trainers["on"], args.interval)
     components["hook_ratio"] = hook_cost(trainers, accountings["on"])
-    parallel.teardown(ranks)
+    group.teardown(ranks)
     return {"world": world, "steps": steps, "seconds": seconds, "components": components}
 
 

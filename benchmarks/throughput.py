@@ -27,7 +27,7 @@ from distcnn.augment import build_augment
 from distcnn.config import available_cores, make_config
 from distcnn.data import load_data
 from distcnn.models import create_model
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import TrainInputs
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.record import write_atomic
 
 

@@ -236,10 +236,13 @@ class TrainConfig(BaseModel):
             return self.threads
         if gpu:
             return max(1, min(GPU_THREADS_PER_RANK, available_cores()))
-        local = local_ranks or self.nproc_per_node
-        if self.cluster == "emulated":  # every emulated host's ranks share this machine's cores
-            local *= self.nnodes
-        return max(1, available_cores() // local)
+        return max(1, available_cores() // self.ranks_on_machine(local_ranks))
+
+    def ranks_on_machine(self, per_host: int | None = None) -> int:
+        """The ranks that share this machine's cores, memory and GPUs (the one place this rule is written):
+        one host's (`per_host`, default --nproc-per-node), and every emulated host's ranks run here too."""
+        per_host = per_host or self.nproc_per_node
+        return per_host * (self.nnodes if self.cluster == "emulated" else 1)
 
 
 def available_cores() -> int:

@@ -10,7 +10,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 
 _console = Console(highlight=False)
 

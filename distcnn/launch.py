@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from distcnn import ownership, parallel, shifts, speed
+from distcnn import ownership, shifts, speed
+
+from distcnn.parallel import checks, emulated, torchrun, world
 from distcnn.augment import build_augment, build_batch_mix
 from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
@@ -57,7 +59,7 @@ def validate(config: TrainConfig, splits: DataSplits | None = None, on_this_mach
     check_input_size(model, splits.channels, splits.image_size, config.model)
     get_strategy(config.strategy).validate(config, splits)
     if on_this_machine:
-        parallel.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
+        checks.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
     world = config.nproc_per_node * config.nnodes
     if len(splits.train) < 2 * world:
         raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
@@ -68,8 +70,8 @@ def check_machine(config: TrainConfig) -> None:
     """What this machine must have for the run: the GPUs asked for, and precision/compile support."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    parallel.check_gpus(config)
-    speed.check(config.precision, config.compile, parallel.device_type(config.device))
+    checks.check_gpus(config)
+    speed.check(config.precision, config.compile, world.device_type(config.device))
 
 
 def config_from(options: dict) -> TrainConfig:
@@ -166,7 +168,7 @@ def run(config: TrainConfig) -> dict | None:
     record, created, lock = prepare_run_dir(config)
     try:
         if config.prepare_only:
-            command = shlex.join(["torchrun", *parallel.torchrun_args(config, record.dir)])
+            command = shlex.join(["torchrun", *torchrun.torchrun_args(config, record.dir)])
             say(f"prepared {record.dir}; start the run with: {command}")
             return None
         if record.finished:
@@ -174,9 +176,9 @@ def run(config: TrainConfig) -> dict | None:
             return finished_summary(config, record)
         try:
             if config.cluster == "emulated":
-                parallel.launch_emulated(config, record.dir)
-            elif parallel.needs_torchrun(config):
-                parallel.launch(config, record.dir)
+                emulated.launch_emulated(config, record.dir)
+            elif torchrun.needs_torchrun(config):
+                torchrun.launch(config, record.dir)
             else:
                 train(config, record.dir)
         except (UsageError, WorkersFailed) as error:
@@ -205,8 +207,8 @@ def finished_summary(config: TrainConfig, record: RunRecord) -> dict:
 
 def train(config: TrainConfig, run_dir: Path) -> None:
     """What every rank runs: join the job, run the config's strategy on this rank, and leave the job."""
-    ranks = parallel.setup(config)
+    ranks = world.setup(config)
     try:
         get_strategy(config.strategy).run(config, RunRecord(run_dir), ranks)
     finally:
-        parallel.teardown(ranks)
+        world.teardown(ranks)

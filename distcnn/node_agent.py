@@ -13,7 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distcnn import ownership, parallel
+from distcnn import ownership
+
+from distcnn.parallel import torchrun
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError, WorkersFailed
 from distcnn.record import RunRecord
@@ -26,8 +28,8 @@ def main(argv: list[str]) -> int:
     saved = TrainConfig(**RunRecord(Path(run_dir)).read_config())
     config = saved.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})
     try:
-        parallel.launch(config, Path(run_dir), local_addr=address, rdzv_conf=f"is_host={is_host}",
-                        worker=worker[0] if worker else parallel.WORKER)
+        torchrun.launch(config, Path(run_dir), local_addr=address, rdzv_conf=f"is_host={is_host}",
+                        worker=worker[0] if worker else torchrun.WORKER)
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)
         return UsageError.exit_code

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from distcnn.augment import build_augment, build_batch_mix
 from distcnn.config import TrainConfig, available_cores
 from distcnn.data import DataSplits, ImageSet
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 
 
 DEVICE_SHARE = 0.25  # the most of a GPU's free memory a resident uint8 image set may take

@@ -16,7 +16,7 @@ from distcnn import summary as declared
 from distcnn.augment import get_policy
 from distcnn.config import TrainConfig
 from distcnn.data import ImageSet
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 
 
 def speed_options(config: TrainConfig, ranks: Ranks) -> dict:

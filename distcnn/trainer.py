@@ -21,14 +21,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distcnn import comm, parallel, shifts, speed
+from distcnn import comm, shifts, speed
+
+from distcnn.parallel import world
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.console import EpochTable, StepProgress, loaded_line, say
 from distcnn.data import DataSplits, load_data
 from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, create_model, train_flops_per_image
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
 from distcnn.run_summary import evaluate_shifts, final_line, run_summary, speed_options
@@ -67,7 +69,7 @@ def train_run(config: TrainConfig, record: RunRecord, ranks: Ranks, build_model:
 def write_environment(config: TrainConfig, record: RunRecord, ranks: Ranks) -> None:
     """The one writer of environment.json (collective: every rank calls it; rank 0 writes): the ranks, their
     hosts, threads, device, backend and speed options of a run record."""
-    hosts = parallel.gather_hosts(ranks)
+    hosts = world.gather_hosts(ranks)
     if ranks.is_main:
         record.write_environment(describe_environment(
             ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
@@ -169,7 +171,7 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the last checkpoint when there is one (--resume, or a torchrun restart)."""
-        if not parallel.broadcast_flag(self.record.has_checkpoint, self.ranks):  # rank 0's file decides
+        if not world.broadcast_flag(self.record.has_checkpoint, self.ranks):  # rank 0's file decides
             return
         checkpoint = load_checkpoint(self.record.path(CHECKPOINT), self.ranks)
         self.model.load_state_dict(checkpoint["model"])
@@ -288,12 +290,12 @@ class Trainer:
                 self.accounting.end_step()
             self._sync()
             seconds = time.perf_counter() - start
-        total_loss, total_images, diverging = parallel.all_reduce_sum(
+        total_loss, total_images, diverging = world.all_reduce_sum(
             [loss_sum.item(), float(images), float(first_bad.isfinite())], self.ranks)
-        seconds = parallel.all_reduce_max(seconds, self.ranks)
+        seconds = world.all_reduce_max(seconds, self.ranks)
         at = None
         if diverging:  # the same sum on every rank, so all take part in the gather; the first step of any rank counts
-            step, loss = min(parallel.gather((first_bad.item() + 1, bad_loss.item()), self.ranks))
+            step, loss = min(world.gather((first_bad.item() + 1, bad_loss.item()), self.ranks))
             at = {"epoch": epoch + 1, "step": int(step), "global_step": epoch * self.steps_per_epoch + int(step),
                   "loss": str(loss)}
         return total_loss / max(1.0, total_images), int(total_images), seconds, at
@@ -323,7 +325,7 @@ class Trainer:
                     counts[1] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
                 counts[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
                 total += labels.numel()
-        correct, top5, loss, total = parallel.all_reduce_sum([*counts.tolist(), float(total)], self.ranks)
+        correct, top5, loss, total = world.all_reduce_sum([*counts.tolist(), float(total)], self.ranks)
         if not total:
             return {"accuracy": math.nan, "top5": None, "loss": None}
         return {"accuracy": correct / total, "top5": top5 / total if self.top5 else None, "loss": loss / total}
@@ -369,7 +371,7 @@ class Trainer:
             self.record.write_summary(summary)
         if not diverged:
             say(final_line(summary, self.record.dir), self.ranks)
-        parallel.barrier(self.ranks)
+        world.barrier(self.ranks)
         if diverged:
             raise TrainingDiverged.at(diverged, self.config.resolved_lr, self.record.dir)
 
@@ -402,5 +404,5 @@ def compile_warmup(trainer: Trainer) -> None:
             buffer.copy_(value)
     if trainer.accounting.counter is not None:
         trainer.accounting.counter.take()
-    trainer.compile_seconds = parallel.all_reduce_max(seconds, trainer.ranks)
+    trainer.compile_seconds = world.all_reduce_max(seconds, trainer.ranks)
     say(f"compiled the model ({trainer.config.compile}) in {trainer.compile_seconds:.1f} s", trainer.ranks)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distcnn import parallel
+from distcnn.parallel import addresses, checks, torchrun
 from distcnn.config import available_cores, make_config
 from distcnn.errors import UsageError
 from helpers import ROOT, TWO_RANKS, usage_error
@@ -92,7 +92,7 @@ def test_the_rendezvous_store_binds_its_host_not_every_interface():
     from torch.distributed.elastic.rendezvous import RendezvousParameters, c10d_rendezvous_backend
 
     params = RendezvousParameters("c10d", "127.0.0.1:0", "probe", 1, 1)
-    with parallel.own_addresses_only(one_machine=True):
+    with addresses.own_addresses_only(one_machine=True):
         _, store = c10d_rendezvous_backend.create_backend(params)
     ports = {port for (address, port) in listening([psutil.Process()]) if address == "127.0.0.1"}
     assert store.port in ports
@@ -101,10 +101,10 @@ def test_the_rendezvous_store_binds_its_host_not_every_interface():
 
 
 def test_a_single_machine_meets_at_loopback_and_several_at_their_endpoint(tmp_path):
-    one = parallel.torchrun_args(make_config({"nproc_per_node": 2}), tmp_path)
+    one = torchrun.torchrun_args(make_config({"nproc_per_node": 2}), tmp_path)
     assert "--standalone" not in one
     assert {"--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1", "--nnodes=1"} <= set(one)
-    two = parallel.torchrun_args(make_config({"nnodes": 2, "rdzv_endpoint": "127.0.0.1:29517"}), tmp_path)
+    two = torchrun.torchrun_args(make_config({"nnodes": 2, "rdzv_endpoint": "127.0.0.1:29517"}), tmp_path)
     assert {"--rdzv-endpoint=127.0.0.1:29517", "--local-addr=127.0.0.1", "--nnodes=2"} <= set(two)
 
 
@@ -120,29 +120,29 @@ def test_more_cpu_ranks_than_cores_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_oversubscribe_lets_them_start():
-    parallel.check_ranks(make_config({"nproc_per_node": 64, "device": "cpu", "oversubscribe": True}))
-    parallel.check_ranks(make_config({"nproc_per_node": min(2, available_cores()), "device": "cpu"}))
+    checks.check_ranks(make_config({"nproc_per_node": 64, "device": "cpu", "oversubscribe": True}))
+    checks.check_ranks(make_config({"nproc_per_node": min(2, available_cores()), "device": "cpu"}))
 
 
 def test_more_ranks_than_memory_holds_is_refused_as_an_estimate(monkeypatch):
     class Memory:
-        available = 3 * parallel.RANK_MEMORY + 1
+        available = 3 * checks.RANK_MEMORY + 1
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
-    monkeypatch.setattr(parallel, "available_cores", lambda: 64)
+    monkeypatch.setattr(checks, "available_cores", lambda: 64)
     with pytest.raises(UsageError) as refused:
-        parallel.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu"}))
+        checks.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu"}))
     message = str(refused.value)
     assert "4 ranks need at least" in message and "an estimate" in message and "--nproc-per-node 3" in message
-    parallel.check_ranks(make_config({"nproc_per_node": 3, "device": "cpu"}))
-    parallel.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu", "oversubscribe": True}))
+    checks.check_ranks(make_config({"nproc_per_node": 3, "device": "cpu"}))
+    checks.check_ranks(make_config({"nproc_per_node": 4, "device": "cpu", "oversubscribe": True}))
 
 
 def test_emulated_hosts_count_as_ranks_of_this_machine(monkeypatch):
-    monkeypatch.setattr(parallel, "available_cores", lambda: 2)
-    parallel.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 1, "device": "cpu"}))
+    monkeypatch.setattr(checks, "available_cores", lambda: 2)
+    checks.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 1, "device": "cpu"}))
     with pytest.raises(UsageError, match="4 CPU ranks.*at most 2 ranks in all"):
-        parallel.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 2,
+        checks.check_ranks(make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 2,
                                           "device": "cpu"}))
 
 
@@ -158,17 +158,17 @@ def failure(exitcode: int, timestamp: int = 100):
 
 def test_the_rank_that_failed_first_is_named_not_the_one_the_launcher_stopped(tmp_path):
     # torchrun lists the ranks it saw fail before those it then stopped, stamped to the second
-    error = parallel.workers_failed({1: failure(-signal.SIGKILL), 0: failure(-signal.SIGTERM)}, tmp_path)
+    error = torchrun.workers_failed({1: failure(-signal.SIGKILL), 0: failure(-signal.SIGTERM)}, tmp_path)
     assert str(error).startswith("rank 1 failed first (killed by SIGKILL), then rank 0 (stopped by the launcher)")
     assert f"`distcnn train --out {tmp_path} --resume`" in str(error) and error.exit_code == -signal.SIGKILL
-    seen_together = parallel.workers_failed({0: failure(1), 1: failure(-signal.SIGKILL)}, tmp_path)
+    seen_together = torchrun.workers_failed({0: failure(1), 1: failure(-signal.SIGKILL)}, tmp_path)
     assert str(seen_together).startswith("rank 1 failed first (killed by SIGKILL), then rank 0 (exit code 1)")
-    earlier = parallel.workers_failed({0: failure(-signal.SIGTERM, 101), 1: failure(1, 100)}, tmp_path)
+    earlier = torchrun.workers_failed({0: failure(-signal.SIGTERM, 101), 1: failure(1, 100)}, tmp_path)
     assert str(earlier).startswith("rank 1 failed first (exit code 1)")
 
 
 def test_a_rank_that_stopped_on_a_user_mistake_keeps_exit_code_2(tmp_path):
-    error = parallel.workers_failed({0: failure(-signal.SIGTERM), 1: failure(2)}, tmp_path)
+    error = torchrun.workers_failed({0: failure(-signal.SIGTERM), 1: failure(2)}, tmp_path)
     assert error.exit_code == 2 and "rank 1 failed first (exit code 2)" in str(error)
     assert "--resume" not in str(error)
 

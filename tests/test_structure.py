@@ -99,6 +99,32 @@ def test_nothing_imports_the_command_line():
     assert users == []
 
 
+def names_imported(path: Path) -> set[str]:
+    """Every module a file imports, distcnn's or not, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_printing_a_line_joins_no_process_group():
+    """distcnn.console, and every distcnn module it reaches, never imports torch.distributed."""
+    known, seen, todo = modules(), set(), ["distcnn.console"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in known:
+            continue
+        seen.add(name)
+        todo += imported(name, known[name])
+    assert "distcnn.parallel.ranks" in seen  # the walk followed console's imports
+    distributed = {name for name in seen if any(module == "torch.distributed" or module.startswith(
+        "torch.distributed.") for module in names_imported(known[name]))}
+    assert distributed == set()
+
+
 @pytest.mark.parametrize("name", sorted(modules()))
 def test_modules_and_classes_stay_readable(name):
     path = modules()[name]

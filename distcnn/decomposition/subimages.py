@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from distcnn.errors import UsageError
 
 

@@ -75,7 +75,8 @@ def main(argv: list[str]) -> int:
 
     from distcnn import ownership
     from distcnn.forecast.profile import WARMUP_STEPS, _World, build_loop
-    from distcnn.parallel import Ranks, pick_device
+    from distcnn.parallel.ranks import Ranks
+    from distcnn.parallel.world import pick_device
 
     ownership.die_with_parent()
     config_path, threads, ready = argv

@@ -26,7 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distcnn import comm, ownership, parallel
+from distcnn import comm, ownership
+
+from distcnn.parallel import world
+from distcnn.parallel.ranks import Ranks
 from distcnn.config import TrainConfig
 from distcnn.record import RunRecord, write_json
 
@@ -61,7 +64,7 @@ def time_allreduce(buffer: torch.Tensor, repeats: int, device: torch.device) -> 
         dist.all_reduce(buffer)
         sync(device)
         seconds.append(time.perf_counter() - start)
-    return parallel.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
+    return world.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
 
 
 class Buckets(nn.Module):
@@ -98,7 +101,7 @@ def time_buckets(size: int, repeats: int, device: torch.device, count: int = BUC
             if step >= warmup:  # DDP builds its buckets at step 1 and rebuilds them after it
                 seconds.append((time.perf_counter() - start) / count)
             module.zero_grad(set_to_none=True)
-    return parallel.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
+    return world.all_reduce_max(statistics.median(seconds), parallel_ranks(device))
 
 
 class Busy:
@@ -122,8 +125,8 @@ class Busy:
         self.thread.join()
 
 
-def parallel_ranks(device: torch.device) -> parallel.Ranks:
-    return parallel.Ranks(dist.get_rank(), 0, dist.get_world_size(), 1, device, dist.get_backend())
+def parallel_ranks(device: torch.device) -> Ranks:
+    return Ranks(dist.get_rank(), 0, dist.get_world_size(), 1, device, dist.get_backend())
 
 
 def compute_loop(device: torch.device, iterations: int) -> float:
@@ -144,7 +147,7 @@ def slowdown(device: torch.device, max_bytes: int) -> dict:
     iterations = 4
     while compute_loop(device, iterations) < 0.05:
         iterations *= 2
-    iterations = int(parallel.all_reduce_max(float(iterations), ranks))
+    iterations = int(world.all_reduce_max(float(iterations), ranks))
     alone = statistics.median(compute_loop(device, iterations) for _ in range(3))
     buffer = torch.ones(max_bytes // 4, device=device)
     n = dist.get_world_size()
@@ -169,7 +172,7 @@ def slowdown(device: torch.device, max_bytes: int) -> dict:
     thread.join()
     elapsed = time.perf_counter() - start
     lost = max(0.0, elapsed - loops * alone)  # beyond what those loops take alone
-    per_byte = parallel.all_reduce_max(lost / (calls * sent_per_call), ranks)
+    per_byte = world.all_reduce_max(lost / (calls * sent_per_call), ranks)
     return {"slowdown_s_per_byte": per_byte, "compute_alone_s": alone, "loops": loops, "calls": calls,
             "elapsed_s": elapsed}
 
@@ -179,19 +182,19 @@ def main(argv: list[str]) -> int:
     folder = Path(argv[0])
     config = TrainConfig(**RunRecord(folder).read_config())
     request = json.loads((folder / "request.json").read_text())
-    ranks = parallel.setup(config)
+    ranks = world.setup(config)
     try:
         points = [[size, time_buckets(size, request["repeats"], ranks.device)] for size in sizes(request["max_bytes"])]
         # PowerSGD's chain of three small allreduces per bucket (its factors of 64-row matrices, rank 1)
         chain = time_buckets(CHAIN_BYTES, request["repeats"], ranks.device, hook="powersgd", rows=64)
         measured = {"points": points, "powersgd_bucket_s": chain, "powersgd_bucket_bytes": CHAIN_BYTES,
                     "ranks": ranks.world_size, "backend": ranks.backend,
-                    "hosts": parallel.gather_hosts(ranks)} | slowdown(ranks.device, request["max_bytes"])
+                    "hosts": world.gather_hosts(ranks)} | slowdown(ranks.device, request["max_bytes"])
         if ranks.is_main:
             write_json(folder / "calibration.json", measured)
-        parallel.barrier(ranks)
+        world.barrier(ranks)
     finally:
-        parallel.teardown(ranks)
+        world.teardown(ranks)
     return 0
 
 

@@ -38,7 +38,7 @@ class Request:
 
 
 def backend_of(config: TrainConfig) -> str:
-    from distcnn.parallel import device_type
+    from distcnn.parallel.world import device_type
 
     return "nccl" if device_type(config.device) == "cuda" else "gloo"
 
@@ -81,7 +81,7 @@ def get_profile(config: TrainConfig, request: Request, quiet: bool,
 def sharing(config: TrainConfig, ranks_per_node: int) -> int:
     """The other ranks on the profiled rank's machine in the run forecast: every rank of every emulated host
     (they all run here), else the node's other ranks when they share its CPU."""
-    from distcnn.parallel import device_type
+    from distcnn.parallel.world import device_type
 
     if config.cluster == "emulated":
         return config.nnodes * ranks_per_node - 1
@@ -272,7 +272,7 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
 def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     """Time allreduce on the cluster the options describe, at each --bandwidth (emulated caps), and write the
     fitted link profile to `out`."""
-    from distcnn import parallel
+    from distcnn.parallel import emulated, torchrun
     from distcnn.forecast.link import Calibrated, LinkProfile, fit
 
     config = make_config(options)
@@ -308,9 +308,9 @@ def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
                 + f": DDP buckets of 4 KiB to {max_bytes / 2**20:.2f} MiB over {world} ranks")
             worker = "distcnn.forecast.calibrate_worker"
             if config.cluster == "emulated":
-                parallel.launch_emulated(run_config, folder, worker=worker)
+                emulated.launch_emulated(run_config, folder, worker=worker)
             else:
-                parallel.launch(run_config, folder, worker=worker)
+                torchrun.launch(run_config, folder, worker=worker)
             measured = json.loads((folder / "calibration.json").read_text())
             alpha, effective = fit(measured["points"], world)
             entries.append(Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,

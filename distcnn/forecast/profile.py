@@ -26,7 +26,8 @@ from distcnn.config import TrainConfig
 from distcnn.console import say
 from distcnn.forecast.model import HOOKS, Gradient, Profile
 from distcnn.models import create_model
-from distcnn.parallel import Ranks, pick_device
+from distcnn.parallel.ranks import Ranks
+from distcnn.parallel.world import pick_device
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.summary import PHASES
 from distcnn.telemetry.gradients import GradientReadiness

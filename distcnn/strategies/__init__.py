@@ -12,7 +12,7 @@ from typing import Protocol
 
 from distcnn.config import TrainConfig
 from distcnn.data import DataSplits
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.record import RunRecord
 
 

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import torch
 
-from distcnn import parallel
+from distcnn.parallel import world
 from distcnn import summary as declared
 from distcnn.checkpoint import load_checkpoint
 from distcnn.config import TrainConfig
@@ -33,7 +33,7 @@ from distcnn.decomposition.models import CoherentCNNDNN, build_local
 from distcnn.decomposition.subimages import Grid, Layout
 from distcnn.errors import TrainingDiverged, UsageError
 from distcnn.models import count_params
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, CHECKPOINT, RunRecord
 from distcnn.run_summary import final_line
@@ -139,7 +139,7 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     # the rank's local CNNs trained together: their (shared) training seconds are the rank's
     training = max((summary["train_seconds"] for summary in summaries.values()), default=0.0)
     # gathered, not read from rank 0's disk: machines of a multi-node job need not share a filesystem
-    everyone = parallel.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
+    everyone = world.gather({"seconds": training, "wall_seconds": local_seconds, "probabilities": mine,
                                 "summaries": summaries}, ranks)
     first = next(({**summary["diverged_at"], "local_cnn": k} for rank in everyone
                   for k, summary in sorted(rank["summaries"].items()) if summary.get("diverged")), None)
@@ -148,7 +148,7 @@ def train_independent(config: TrainConfig, record: RunRecord, ranks: Ranks, spli
     write_environment(config, record, ranks)
     if ranks.is_main:
         _aggregate(config, record, splits, layout, everyone)
-    parallel.barrier(ranks)
+    world.barrier(ranks)
 
 
 def train_local_phase(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: DataSplits, layout: Layout,
@@ -181,7 +181,7 @@ def train_global_local(config: TrainConfig, record: RunRecord, ranks: Ranks, spl
     sub.dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         sub.write_config(config.recorded | {"subdomain": 0})
-    parallel.barrier(ranks)
+    world.barrier(ranks)
     try:
         train_run(config, sub, ranks, build_model=local_builder(config, layout, 0), splits=splits)
     except TrainingDiverged:
@@ -195,7 +195,7 @@ def stop_diverged(config: TrainConfig, record: RunRecord, ranks: Ranks, splits: 
     if ranks.is_main:
         record.write_summary(declared.checked(summary_head(config, splits) | {
             "world_size": ranks.world_size, "test_accuracy": None, "diverged": True, "diverged_at": at}))
-    parallel.barrier(ranks)
+    world.barrier(ranks)
     raise TrainingDiverged.at(at, config.resolved_lr, record.dir)
 
 
@@ -324,7 +324,7 @@ def transfer_start(config: TrainConfig, record: RunRecord, ranks: Ranks, splits:
         except TrainingDiverged:
             pass  # its summary says where; this run's says it too, below
     # a local CNN that diverged ends this run as well, now or when it is run again; rank 0 wrote the summary
-    at = parallel.gather(first.read_summary().get("diverged_at") if ranks.is_main else None, ranks)[0]
+    at = world.gather(first.read_summary().get("diverged_at") if ranks.is_main else None, ranks)[0]
     if at is not None:
         stop_diverged(config, record, ranks, splits, at)
     return config.model_copy(update={"init_from": str(first.dir)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distcnn.config import TrainConfig
 from distcnn.data import DataSplits
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.record import RunRecord
 from distcnn.strategies import register_strategy
 from distcnn.trainer import train_run

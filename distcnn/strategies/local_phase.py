@@ -27,7 +27,7 @@ from distcnn.decomposition.models import StackedLocals, SummedLoss, build_local
 from distcnn.decomposition.subimages import Layout
 from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, train_flops_per_image
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, RunRecord
 from distcnn.telemetry.accounting import Accounting

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from distcnn import parallel
+from distcnn.parallel import world
 from distcnn.console import say
 from distcnn.errors import UsageError
 from distcnn.record import PLACEMENT_ENV
@@ -64,7 +64,7 @@ class SideBySide:
     def __init__(self, runner):
         self.runner, self.store = runner, runner.store
         configs = [runner.config(run) for run in runner.pending()]
-        uses_gpu = any(parallel.device_type(config.device) == "cuda" for config in configs)
+        uses_gpu = any(world.device_type(config.device) == "cuda" for config in configs)
         self.slots = plan_slots(runner.spec.parallel, uses_gpu)
         self.logs = Path(runner.out) / LOGS
         self.active: dict[str, dict] = {}  # run_id -> its process, slot, start, log and the runs beside it

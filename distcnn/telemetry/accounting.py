@@ -13,9 +13,11 @@ import os
 
 import torch
 
-from distcnn import comm, parallel
+from distcnn import comm
+
+from distcnn.parallel import world
 from distcnn.config import TrainConfig
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.telemetry.counters import run_interfaces
 from distcnn.telemetry.gradients import GradientReadiness
 from distcnn.record import RunRecord
@@ -150,7 +152,7 @@ class Accounting:
         self.readiness = self.gradients = None  # only the first epoch this process trains is timed
         mine = {"steps": steps, "comm_bytes": self.comm_bytes, "comm_calls": self.comm_calls, "ddp": self.ddp_samples,
                 "resources": self.sampler.summary("train", epoch=epoch + 1)}
-        everyone = parallel.gather(mine, self.ranks)
+        everyone = world.gather(mine, self.ranks)
         pooled = [step for rank in everyone for step in rank["steps"]]
         figures = epoch_figures(pooled) | {"steps": len(steps)} | epoch_medians([rank["steps"] for rank in everyone])
         comm_bytes = sum(rank["comm_bytes"] for rank in everyone)
@@ -172,7 +174,7 @@ class Accounting:
         """The run's accounting figures for summary.json (collective: every rank calls it)."""
         if self.sampler is not None:
             self.sampler.set_phase("finish")
-        per_rank = parallel.gather(self.sampler.summary("train"), self.ranks) if self.enabled else []
+        per_rank = world.gather(self.sampler.summary("train"), self.ranks) if self.enabled else []
         figures = combine_ranks(per_rank)
         figures["step_time_breakdown"] = run_breakdown(history) if self.enabled else None
         figures |= warm_up(history if self.enabled else [])

@@ -10,7 +10,7 @@ import math
 from numbers import Real
 
 from distcnn.config import TrainConfig
-from distcnn.parallel import Ranks
+from distcnn.parallel.ranks import Ranks
 from distcnn.record import SUMMARY, TELEMETRY, RunRecord, read_object, read_rank_rows
 
 FOLDER = "tensorboard"

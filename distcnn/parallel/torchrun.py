@@ -1,0 +1,93 @@
+"""The launch of a run's ranks through torchrun's own launcher (torch.distributed.run), with distcnn's worker
+module as its script, and the failures it reports as one line naming the rank that failed first."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+from distcnn import ownership
+from distcnn.config import TrainConfig
+from distcnn.errors import WorkersFailed
+from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address
+from distcnn.parallel.world import device_type
+
+
+def needs_torchrun(config: TrainConfig) -> bool:
+    """A single-process run without restarts runs in this process; everything else goes through torchrun."""
+    return config.nproc_per_node > 1 or config.nnodes > 1 or config.max_restarts > 0
+
+
+WORKER = "distcnn.worker"  # what every rank runs; the forecast's calibration runs its own collective benchmark
+
+
+def torchrun_args(config: TrainConfig, run_dir: Path, local_addr: str | None = None,
+                  rdzv_conf: str | None = None, worker: str = WORKER) -> list[str]:
+    """The torchrun command line (without `torchrun`) that starts distcnn's worker on this machine.
+
+    `local_addr`: the address the other nodes reach this one at (default: this machine's address on the way to
+    the rendezvous endpoint; torchrun would publish the host name); `rdzv_conf`: torchrun's --rdzv-conf, e.g.
+    is_host=1 for the node that serves the c10d store. One machine without an endpoint meets on loopback: the
+    c10d rendezvous of --standalone, at 127.0.0.1 instead of localhost on every interface."""
+    args = [f"--nproc-per-node={config.nproc_per_node}", f"--max-restarts={config.max_restarts}"]
+    endpoint, backend = config.rdzv_endpoint, config.rdzv_backend
+    if config.nnodes == 1 and not endpoint:
+        endpoint, backend, local_addr = f"{LOOPBACK}:0", "c10d", local_addr or LOOPBACK
+    local_addr = local_addr or route_address(endpoint.rsplit(":", 1)[0].strip("[]"), config.nnodes > 1)
+    if local_addr:
+        args.append(f"--local-addr={local_addr}")
+    if rdzv_conf:
+        args.append(f"--rdzv-conf={rdzv_conf}")
+    args += [f"--nnodes={config.nnodes}", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}",
+             f"--rdzv-id={config.rdzv_id}"]
+    if config.node_rank is not None:
+        args.append(f"--node-rank={config.node_rank}")
+    return args + ["--module", worker, str(run_dir)]
+
+
+def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rdzv_conf: str | None = None,
+           worker: str = WORKER) -> None:
+    """Start the workers (module `worker`, given RUN_DIR) through torchrun's own launcher and wait for them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    ownership.mark_parent()  # the ranks torchrun starts die with this process (not with whoever set it before)
+    threads = config.threads_per_rank(config.nproc_per_node, gpu=device_type(config.device) == "cuda")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        with own_addresses_only(one_machine=config.nnodes == 1):
+            run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
+    except ChildFailedError as error:
+        raise workers_failed(error.failures, run_dir) from None
+
+
+def workers_failed(failures: dict, run_dir: Path) -> WorkersFailed:
+    """The rank that failed first, how, and how to go on. torchrun stamps a failure when it notices it (to the
+    second) and lists the ranks it saw fail before those it then stopped (SIGTERM); of ranks seen failing at
+    once, a signal (a kill, a crash) comes before an exit code (often a rank that lost its peer)."""
+    order = list(failures.items())
+    rank, first = order[min(range(len(order)), key=lambda i: (
+        order[i][1].timestamp, order[i][1].exitcode == -signal.SIGTERM, order[i][1].exitcode >= 0, i))]
+
+    def how(failure) -> str:
+        if failure.exitcode >= 0:
+            return f"exit code {failure.exitcode}"
+        if failure.exitcode == -signal.SIGTERM and failure is not first:
+            return "stopped by the launcher"
+        return f"killed by {failure.signal_name()}"
+
+    groups: dict[str, list[int]] = {}  # the other ranks by how they ended, a few named each
+    for other, failure in sorted(failures.items()):
+        if other != rank:
+            groups.setdefault(how(failure), []).append(other)
+    others = ", ".join(f"rank{'s' if len(group) > 1 else ''} {', '.join(map(str, group[:4]))}"
+                       f"{f' and {len(group) - 4} more' if len(group) > 4 else ''} ({ended})"
+                       for ended, group in groups.items())
+    message = f"rank {rank} failed first ({how(first)})" + (f", then {others}" if others else "")
+    if first.exitcode == 2:
+        return WorkersFailed(2, f"{message}: the mistake it printed above")
+    return WorkersFailed(first.exitcode, f"{message}; continue the run with "
+                                           f"`distcnn train --out {run_dir} --resume`")
