@@ -58,20 +58,8 @@ def load_run(run_dir: str | Path) -> Run:
     record = RunRecord(run_dir)
     if not record.path(CONFIG).is_file():
         raise UsageError(f"not a run directory: no {CONFIG} in {run_dir}")
-    epochs = [{key: _cell(value) for key, value in row.items()} for row in record.read_epochs()]
-    return Run(record.dir, record.read_config(), record.read_summary() if record.finished else None, epochs)
-
-
-def _cell(text: str | None) -> Any:
-    """epochs.csv's cells back as numbers: an empty cell is None, a word stays text."""
-    if text is None or text == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    return Run(record.dir, record.read_config(), record.read_summary() if record.finished else None,
+               record.read_epochs())
 
 
 def run_study(study: str | Path | StudySpec, out: str | Path, retries: int = 1) -> list[dict]:

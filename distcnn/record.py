@@ -111,10 +111,11 @@ class RunRecord:
         write_atomic(self.path(EPOCHS), lambda handle: handle.write(buffer.getvalue()))
 
     def read_epochs(self) -> list[dict]:
+        """epochs.csv as written: one row per epoch, each cell typed back (the one reader of the file)."""
         if not self.path(EPOCHS).exists():
             return []
         with open(self.path(EPOCHS), newline="") as handle:
-            return list(csv.DictReader(handle))
+            return [{column: epoch_cell(text) for column, text in row.items()} for row in csv.DictReader(handle)]
 
     def write_gradients(self, gradients: dict) -> None:
         write_json(self.path(GRADIENTS), gradients)
@@ -282,3 +283,16 @@ def read_object(path: Path, missing_ok: bool = True) -> dict | None:
     if not isinstance(data, dict):
         raise UsageError(f"cannot read {path}: not a JSON object")
     return data
+
+
+def epoch_cell(text: str | None) -> int | float | str | None:
+    """A cell of epochs.csv as its writer held it: an integer, a number (nan and inf included), None for an
+    empty cell (a figure not measured that epoch), else text."""
+    if text is None or text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -34,8 +34,8 @@ def steady_phases(record: RunRecord) -> dict[str, float]:
     if not rows:
         raise UsageError(f"{record.dir}: its epochs.csv has no step times (trained with --telemetry off?)")
     later = rows[1:] or rows
-    steps = sum(int(float(row["steps"])) for row in later)
-    phases = {phase: sum(float(row.get(f"{phase}_mean_s") or 0.0) * int(float(row["steps"])) for row in later)
+    steps = sum(row["steps"] for row in later)
+    phases = {phase: sum((row.get(f"{phase}_mean_s") or 0.0) * row["steps"] for row in later)
               / steps for phase in PHASES}
     if len(rows) == 1:
         steady = record.read_summary().get("step_seconds_steady")

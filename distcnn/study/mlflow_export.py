@@ -138,7 +138,7 @@ def metrics(source: Source, metric_type) -> list:
     end = source.end_ms or 0
     logged, elapsed = [], 0.0
     for row in source.epochs():
-        epoch = int(float(row["epoch"]))
+        epoch = int(row["epoch"])
         elapsed += number(row.get("epoch_seconds")) or 0.0
         stamp = int(source.start_ms + elapsed * 1000) if source.start_ms and elapsed else end
         for column, cell in row.items():

@@ -82,7 +82,7 @@ def _epochs(study: Study) -> dict[str, list[pd.DataFrame]]:
         except (OSError, UsageError):
             rows = []
         if rows:
-            frame = pd.DataFrame(rows).apply(pd.to_numeric, errors="coerce")
+            frame = pd.DataFrame(rows).apply(pd.to_numeric, errors="coerce")  # a text cell: not a figure
             found.setdefault(study.labels[index], []).append(frame)
     return found
 
