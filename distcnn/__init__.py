@@ -65,18 +65,10 @@ def load_run(run_dir: str | Path) -> Run:
 def run_study(study: str | Path | StudySpec, out: str | Path, retries: int = 1) -> list[dict]:
     """Run (or resume) a study file or spec into `out` as `distcnn study` does, without its report; every
     run of the study as the database holds it (status, levels, seed, summary, error)."""
-    from distcnn.errors import UsageError
-    from distcnn.study.runner import StudyRunner
+    from distcnn.study.runner import run_study as run
     from distcnn.study.spec import StudySpec, load_spec
 
-    if retries < 0:
-        raise UsageError(f"retries must be 0 or more, got {retries}")
-    spec = study if isinstance(study, StudySpec) else load_spec(study)
-    runner = StudyRunner(spec, Path(out), retries)
-    try:
-        return runner.run()
-    finally:
-        runner.close()
+    return run(study if isinstance(study, StudySpec) else load_spec(study), Path(out), retries)
 
 
 def analyze(source: str | Path | pd.DataFrame, factors: list[str] | None = None,
@@ -85,21 +77,14 @@ def analyze(source: str | Path | pd.DataFrame, factors: list[str] | None = None,
     supplies its own factors and responses; a CSV/Parquet file or a DataFrame needs both."""
     import pandas as pd
 
-    from distcnn.errors import UsageError
-    from distcnn.study.analysis import analyse_responses, load_source
-    from distcnn.study.store import open_study
+    from distcnn.study.analysis import analyse_responses, load_source, require_names, study_responses
 
     if isinstance(source, pd.DataFrame):
         table, level_order = source, {}
     else:
         table, level_order = load_source(source)
     study = not isinstance(source, pd.DataFrame) and Path(source).is_dir()
-    if not study and (factors is None or responses is None):
-        raise UsageError("analyzing a table needs factors and responses (only a study directory supplies them)")
+    require_names(study, factors, responses, called=("factors", "responses"))
     if responses is None:
-        store = open_study(source)
-        try:
-            responses = list(store.spec().get("responses", []))
-        finally:
-            store.close()
+        responses = study_responses(source)
     return analyse_responses(table, list(factors or level_order), list(responses), level_order, alpha)

@@ -221,11 +221,9 @@ def command_models(args: argparse.Namespace) -> int:
 def command_study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distcnn.study.runner import StudyRunner
+    from distcnn.study.runner import run_study
     from distcnn.study.spec import load_spec
 
-    if args.retries < 0:
-        raise UsageError(f"--retries must be 0 or more, got {args.retries}")
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"--parallel must be 1 or more, got {args.parallel}")
     spec = load_spec(args.file, execution_options(args))
@@ -235,17 +233,16 @@ def command_study(args: argparse.Namespace) -> int:
 
         print("\n".join(status_lines(out)))
         return 0
-    runner = StudyRunner(spec, out, args.retries)  # checks every configuration, owns the study directory
-    try:
-        if args.forecast or args.forecast_only:
-            from distcnn.study.forecast import forecast_study
 
-            forecast_study(spec, out, args.link_profile, args.intra_profile)
-            if args.forecast_only:
-                return 0
-        runs = runner.run()
-    finally:
-        runner.close()
+    def forecast_first(spec, out) -> bool:
+        from distcnn.study.forecast import forecast_study
+
+        forecast_study(spec, out, args.link_profile, args.intra_profile)
+        return args.forecast_only
+
+    runs = run_study(spec, out, args.retries, forecast_first if args.forecast or args.forecast_only else None)
+    if runs is None:  # --forecast-only
+        return 0
     done = sum(run["status"] == "done" for run in runs)
     failed = [run for run in runs if run["status"] == "failed"]
     print(f"study {spec.name}: {done}/{len(runs)} runs done" + (f", {len(failed)} failed" if failed else "")

@@ -331,16 +331,21 @@ def split_names(text: str, flag_name: str) -> list[str]:
 def _requested(args: argparse.Namespace, level_order: dict) -> tuple[list[str], list[str] | None]:
     """The factors and responses named on the command line; for a study directory what is left out is the
     study's own (responses None: every response the study declares, each analysed where it has numbers)."""
-    study = Path(args.source).is_dir()
-    if not study and (args.factors is None or args.responses is None):
-        missing = " and ".join(name for name in ("--factors", "--responses") if getattr(args, name[2:]) is None)
-        raise UsageError(f"analyzing a table needs {missing} (only a study directory supplies them)")
+    require_names(Path(args.source).is_dir(), args.factors, args.responses)
     factors = split_names(args.factors, "--factors") if args.factors is not None else list(level_order)
     responses = split_names(args.responses, "--responses") if args.responses is not None else None
     return factors, responses
 
 
-def _study_responses(study_dir: str | Path) -> list[str]:
+def require_names(study: bool, factors, responses, called=("--factors", "--responses")) -> None:
+    """A table (CSV, Parquet, a DataFrame) names no factors or responses of its own: both must be given; a study
+    directory supplies whatever is left out. `called`: what the door calls the two (flags, or arguments)."""
+    if not study and (factors is None or responses is None):
+        missing = " and ".join(name for name, value in zip(called, (factors, responses)) if value is None)
+        raise UsageError(f"analyzing a table needs {missing} (only a study directory supplies them)")
+
+
+def study_responses(study_dir: str | Path) -> list[str]:
     from distcnn.study.store import open_study
 
     store = open_study(study_dir)
@@ -374,7 +379,7 @@ def command_analyze(args: argparse.Namespace) -> int:
     factors, responses = _requested(args, level_order)
     skipped: dict[str, str] = {}
     if responses is None:
-        result, skipped = _study_analysis(table, factors, _study_responses(args.source), level_order, args.alpha)
+        result, skipped = _study_analysis(table, factors, study_responses(args.source), level_order, args.alpha)
     else:
         result = analyze(table, factors, responses, level_order, args.alpha)
     if args.json:

@@ -182,6 +182,21 @@ class StudyRunner:
         self.lock.release()
 
 
+def run_study(spec: StudySpec, out: Path, retries: int = 1, before_runs=None) -> list[dict] | None:
+    """Run (or resume) a study into `out`, the one way both doors do it: `retries` checked, the directory owned
+    for the whole of it and released however it ends. `before_runs(spec, out)`, once the study is checked and
+    owned (a forecast, say), may return True to stop there (then None is returned)."""
+    if retries < 0:
+        raise UsageError(f"retries (--retries) must be 0 or more, got {retries}")
+    runner = StudyRunner(spec, out, retries)  # checks every configuration, owns the study directory
+    try:
+        if before_runs is not None and before_runs(spec, out):
+            return None
+        return runner.run()
+    finally:
+        runner.close()
+
+
 def status_lines(out: Path) -> list[str]:
     """`distcnn study FILE --status`: each run's state, attempts, Slurm job (id and state) and error."""
     from distcnn.study.store import open_study
