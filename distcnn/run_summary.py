@@ -53,7 +53,7 @@ def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, sh
     """The summary.json of a run trained by the loop, assembled here and only here: the loop's own figures,
     then accounting's (collective: every rank calls this), then what the run's strategy adds."""
     config, splits, ranks, state = trainer.config, trainer.splits, trainer.ranks, trainer.state
-    target = state["target"] or {}
+    target = state.target or {}
     summary = {
         "name": config.run_name,
         "model": config.model,
@@ -63,28 +63,28 @@ def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, sh
         "data": splits.name,
         "world_size": ranks.world_size,
         "test_accuracy": test_accuracy,
-        "best_val_accuracy": state["best_val_accuracy"],
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "stopped_early": state["epoch"] < config.epochs,
-        "diverged": state["diverged"] is not None,
-        "diverged_at": state["diverged"],
-        "train_seconds": state["train_seconds"],
-        "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state["history"]),
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "stopped_early": state.epoch < config.epochs,
+        "diverged": state.diverged is not None,
+        "diverged_at": state.diverged,
+        "train_seconds": state.train_seconds,
+        "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state.history),
         "compile_seconds": trainer.compile_seconds,
-        "images_seen": state["images_seen"],
-        "images_per_second": state["images_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+        "images_seen": state.images_seen,
+        "images_per_second": state.images_seen / state.train_seconds if state.train_seconds else None,
         "params": trainer.params,
         "train_flops_per_image": trainer.flops_per_image,
-        "achieved_flops_per_s": (trainer.flops_per_image * state["images_seen"] / ranks.world_size
-                                 / state["train_seconds"]) if state["train_seconds"] else None,
+        "achieved_flops_per_s": (trainer.flops_per_image * state.images_seen / ranks.world_size
+                                 / state.train_seconds) if state.train_seconds else None,
         "gradient_bytes": comm.gradient_bytes(trainer.model),
         "bucket_cap_mb": config.bucket_cap_mb,
         "train_images": len(splits.train),
         "val_images": len(splits.val),
         "test_images": len(splits.test),
-        "resumed_at_epochs": state["resumed_at"],
-        "restarts": state.get("restarts", []),
+        "resumed_at_epochs": state.resumed_at,
+        "restarts": state.restarts,
         "telemetry": config.telemetry,
         "aug_strength": config.aug_strength,
         "target_accuracy": config.target_accuracy,
@@ -92,7 +92,7 @@ def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, sh
         "epochs_to_target": target.get("epoch"),
         "images_to_target": target.get("images"),
         # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
-        "stopped_at_target": bool(config.stop_at_target and target and state["epoch"] < config.epochs),
+        "stopped_at_target": bool(config.stop_at_target and target and state.epoch < config.epochs),
         "shift_images": shift_images,
         "shift_clean_accuracy": test_accuracy if shift_accuracy and shift_clean is None else shift_clean,
         "shift_accuracy": shift_accuracy,
@@ -100,7 +100,7 @@ def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, sh
                                 / sum(len(by) for by in shift_accuracy.values())) if shift_accuracy else None,
         "shifts_in_training": shifts_in_training(config, splits.channels),
         "shift_eval_seconds": shift_seconds,
-    } | trainer.accounting.summary(state["history"])
+    } | trainer.accounting.summary(state.history)
     if trainer.summary_extra is not None:
         summary |= trainer.summary_extra(trainer.model, summary)
     return declared.checked(summary)

@@ -10,7 +10,6 @@ strategies.dd.independent_summary).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from distcnn.models import count_params, create_model, train_flops_per_image
 from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.run_state import RunState
 from distcnn.run_summary import evaluate_shifts, final_line, run_summary, speed_options
 from distcnn.telemetry.accounting import Accounting
 
@@ -109,16 +109,6 @@ def data_parallel(model: nn.Module, config: TrainConfig, ranks: Ranks) -> Distri
     return DistributedDataParallel(model, device_ids=ids, **buckets)
 
 
-def note_target(state: dict, target: float | None, val_accuracy: float | None) -> bool:
-    """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with the
-    wall seconds (training + validation, checkpoints excluded) and images up to and including it, kept in the
-    run's `state` (after the epoch is counted in it). True when this epoch is that one."""
-    if target is None or state["target"] is not None or val_accuracy is None or val_accuracy < target:
-        return False
-    state["target"] = {"epoch": state["epoch"], "seconds": state["wall_seconds"], "images": state["images_seen"]}
-    return True
-
-
 def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
     """A seed per (epoch, rank): augmentation differs across ranks, and a resumed epoch replays exactly."""
     return (config.seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
@@ -152,10 +142,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.top5 = splits.num_classes > 5  # top-5 accuracy says something only with more than 5 classes
-        # wall_seconds: training + validation of every epoch so far; target: where --target-accuracy was met
-        self.state = {"epoch": 0, "best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
-                      "train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0, "target": None,
-                      "history": [], "resumed_at": [], "diverged": None}
+        self.state = RunState()
         self._resume()
         self._note_restart()
         self.ddp = self.model
@@ -178,17 +165,16 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.precision.load_state_dict(checkpoint.get("scaler"))
-        self.state = self.state | checkpoint["state"]  # a checkpoint from before a new key keeps its default
-        self.state["resumed_at"] = self.state["resumed_at"] + [self.state["epoch"]]
-        say(f"resuming {self.record.dir} after epoch {self.state['epoch']}", self.ranks)
+        self.state = RunState.restored(checkpoint["state"])
+        self.state.resumed_at.append(self.state.epoch)
+        say(f"resuming {self.record.dir} after epoch {self.state.epoch}", self.ranks)
 
     def _note_restart(self) -> None:
         """A run restarted by torchrun (--max-restarts) records it: which restart, from which epoch on."""
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restart and self.ranks.is_main:
-            self.state["restarts"] = self.state.get("restarts", []) + [
-                {"restart": restart, "resumed_after_epoch": self.state["epoch"]}]
-            say(f"restart {restart}: continuing after epoch {self.state['epoch']}", self.ranks)
+            self.state.restarts.append({"restart": restart, "resumed_after_epoch": self.state.epoch})
+            say(f"restart {restart}: continuing after epoch {self.state.epoch}", self.ranks)
 
     def fit(self) -> None:
         c, ranks, state = self.config, self.ranks, self.state
@@ -196,8 +182,8 @@ class Trainer:
         self._compile()
         say(loaded_line(self.splits, c.model, ranks.world_size, ranks.device.type), ranks)
         table = EpochTable(ranks)
-        while state["epoch"] < c.epochs and not self._should_stop():
-            epoch = state["epoch"]
+        while state.epoch < c.epochs and not self._should_stop():
+            epoch = state.epoch
             train_loss, images, seconds, diverged = self._train_epoch(epoch)
             accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
@@ -211,29 +197,15 @@ class Trainer:
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
                    } | accounting
-            self._count_epoch(row, images, seconds, diverged)
-            reached = note_target(state, c.target_accuracy, val_accuracy)
-            improved = val_accuracy is not None and (
-                state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"])
-            if improved:
-                state["best_val_accuracy"], state["best_epoch"], state["stale_epochs"] = val_accuracy, epoch + 1, 0
-            else:
-                state["stale_epochs"] += 1
+            state.count_epoch(row, images, seconds, diverged)
+            reached = state.note_target(c.target_accuracy, val_accuracy)
+            improved = state.note_validation(epoch + 1, val_accuracy)
             self._save(improved)
             table.row(row, improved)
             if reached:
                 say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
-                    f"{state['epoch']} ({state['wall_seconds']:.1f} s, {state['images_seen']:,} images)", ranks)
+                    f"{state.epoch} ({state.wall_seconds:.1f} s, {state.images_seen:,} images)", ranks)
         self._finish()
-
-    def _count_epoch(self, row: dict, images: int, seconds: float, diverged: dict | None) -> None:
-        """The epoch's row in the history and its counts in the run's state."""
-        state = self.state
-        state["history"].append(row)
-        state["epoch"], state["diverged"] = row["epoch"], diverged
-        state["train_seconds"] += seconds
-        state["wall_seconds"] += row["epoch_seconds"]
-        state["images_seen"] += images
 
     def _compile(self) -> None:
         compile_warmup(self)
@@ -244,10 +216,10 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
 
     def _should_stop(self) -> bool:
-        if self.state["diverged"] or (self.config.stop_at_target and self.state["target"] is not None):
+        if self.state.diverged or (self.config.stop_at_target and self.state.target is not None):
             return True
         patience = self.config.patience
-        return patience is not None and self.state["stale_epochs"] >= patience
+        return patience is not None and self.state.stale_epochs >= patience
 
     def _train_epoch(self, epoch: int) -> tuple[float, int, float, dict | None]:
         """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds, diverged_at: where
@@ -335,31 +307,31 @@ class Trainer:
         if not self.ranks.is_main:
             return
         if improved:
-            save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state["epoch"]})
+            save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state.epoch})
         self._save_checkpoint()
-        self.record.write_epochs(self.state["history"])
+        self.record.write_epochs(self.state.history)
         if self.accounting.events is not None:
-            self.accounting.events.epoch(self.state["history"][-1])
+            self.accounting.events.epoch(self.state.history[-1])
 
     def _save_checkpoint(self) -> None:
         """What a resumed run or a torchrun restart continues from; weights that are not finite are no start."""
-        if not self.state["diverged"]:
+        if not self.state.diverged:
             save_checkpoint(self.record.path(CHECKPOINT), {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
-                "state": copy.deepcopy(self.state)})
+                "state": self.state.saved()})
 
     def _finish(self) -> None:
         """Score the best weights on the test set once, and write the summary (last: it marks the run done). A run
         that diverged is scored on nothing: its summary says where, then every rank raises TrainingDiverged."""
-        state, diverged = self.state, self.state["diverged"]
+        state, diverged = self.state, self.state.diverged
         test_accuracy = shift_images = shift_clean = shift_accuracy = shift_seconds = None
         if not diverged:
             weights = "the last weights"
-            if state["best_epoch"] is not None:
+            if state.best_epoch is not None:
                 best = load_checkpoint(self.record.path(BEST), self.ranks)
                 self.model.load_state_dict(best["model"])
-                weights = f"the best weights (epoch {state['best_epoch']})"
+                weights = f"the best weights (epoch {state.best_epoch})"
             say(f"evaluating {weights} on {len(self.splits.test):,} test images"
                 + (f" and shifted copies ({self.config.eval_shift})" if self.config.eval_shift else ""), self.ranks)
             test_accuracy = self.evaluate(self.splits.test)

@@ -125,15 +125,15 @@ def test_a_local_cnn_whose_patience_ran_out_keeps_the_best_of_the_epochs_it_woul
 
     from distcnn.strategies.local_phase import LocalPhase
 
-    phase = SimpleNamespace(config=SimpleNamespace(patience=1), state={"locals": [
-        {"best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0, "stopped_at": None, "history": [],
-         "diverged": None} for _ in range(2)]})
+    from distcnn.run_state import LocalState, RunState
+
+    phase = SimpleNamespace(config=SimpleNamespace(patience=1), state=RunState(locals=[LocalState(), LocalState()]))
     improved = []
     for epoch, val in enumerate([[0.5, 0.5], [0.4, 0.6], [0.9, 0.7]], start=1):
         row = {"epoch": epoch, "train_seconds": 1.0, "eval_seconds": 0.1, "lr": 0.1}
         improved.append(LocalPhase._note_locals(phase, row, [1.0, 1.0], val, None))
-    first, second = phase.state["locals"]
+    first, second = phase.state.locals
     assert improved == [[0, 1], [1], [1]]
-    assert first["stopped_at"] == 2 and first["best_epoch"] == 1 and first["best_val_accuracy"] == 0.5
-    assert len(first["history"]) == 2, "alone it stopped after epoch 2: epoch 3's 0.9 is not its"
-    assert second["stopped_at"] is None and second["best_epoch"] == 3 and len(second["history"]) == 3
+    assert first.stopped_at == 2 and first.best_epoch == 1 and first.best_val_accuracy == 0.5
+    assert len(first.history) == 2, "alone it stopped after epoch 2: epoch 3's 0.9 is not its"
+    assert second.stopped_at is None and second.best_epoch == 3 and len(second.history) == 3

@@ -38,11 +38,10 @@ from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, CHECKPOINT, RunRecord
 from distcnn.run_summary import final_line
 from distcnn.strategies import register_strategy
-from distcnn.strategies.local_phase import LocalPhase
+from distcnn.strategies.local_phase import SHARED_FIGURES, LocalPhase
 from distcnn.trainer import Trainer, accounted, load_splits, train_run, write_environment
 
 LOCAL = "local"
-LOCAL_FIGURES = ("cpu_percent_mean", "process_cpu_percent_mean", "mem_percent_mean", "net_packets_per_s_mean")
 
 
 def layout_of(config: TrainConfig, splits: DataSplits) -> Layout:
@@ -279,7 +278,7 @@ def independent_summary(config: TrainConfig, splits: DataSplits, layout: Layout,
         "comm_bytes_total": sum(s.get("comm_bytes_total") or 0 for s in locals_),
         "diverged": False, "diverged_at": None,
     }
-    for figure in LOCAL_FIGURES:  # the local phase's resources: mean over the local CNNs' runs
+    for figure in SHARED_FIGURES:  # the local phase's resources: mean over the local CNNs' runs
         values = [s[figure] for s in locals_ if s.get(figure) is not None]
         summary[figure] = sum(values) / len(values) if values else None
     return declared.checked(summary)

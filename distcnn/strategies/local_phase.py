@@ -30,6 +30,7 @@ from distcnn.models import count_params, train_flops_per_image
 from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, RunRecord
+from distcnn.run_state import LocalState
 from distcnn.telemetry.accounting import Accounting
 from distcnn.trainer import Trainer, write_environment
 
@@ -60,13 +61,12 @@ class LocalPhase(Trainer):
         self.local_flops = [train_flops_per_image(cnn, splits.channels, splits.image_size) for cnn in self.model.locals]
 
     def _resume(self) -> None:
-        self.state["locals"] = [{"best_val_accuracy": None, "best_epoch": None, "stale_epochs": 0,
-                                 "stopped_at": None, "history": [], "diverged": None} for _ in self.indices]
+        self.state.locals = [LocalState() for _ in self.indices]
         super()._resume()
 
     def _should_stop(self) -> bool:
-        return self.state["diverged"] is not None or all(
-            local["stopped_at"] is not None for local in self.state["locals"])
+        return self.state.diverged is not None or all(
+            local.stopped_at is not None for local in self.state.locals)
 
     def fit(self) -> None:
         c, state = self.config, self.state
@@ -74,8 +74,8 @@ class LocalPhase(Trainer):
         self._compile()
         self.criterion.take()  # the compile warm-up's loss is no epoch's
         table = EpochTable(self.shown)
-        while state["epoch"] < c.epochs and not self._should_stop():
-            epoch = state["epoch"]
+        while state.epoch < c.epochs and not self._should_stop():
+            epoch = state.epoch
             train_loss, images, seconds, diverged = self._train_epoch(epoch)
             local_losses = (self.criterion.take() / max(1, images)).tolist()
             accounting = self.accounting.end_epoch(epoch)
@@ -89,7 +89,7 @@ class LocalPhase(Trainer):
                    "images_per_second": images / seconds, "train_seconds": seconds, "eval_seconds": eval_seconds,
                    "epoch_seconds": seconds + eval_seconds, "lr": self.optimizer.param_groups[0]["lr"],
                    "achieved_flops_per_s": self.flops_per_image * images / seconds} | accounting
-            self._count_epoch(row, images, seconds, diverged)
+            state.count_epoch(row, images, seconds, diverged)
             improved = self._note_locals(row, local_losses, val, diverged)
             self._save(improved)
             table.row(row, bool(improved))
@@ -99,20 +99,17 @@ class LocalPhase(Trainer):
         """Each local CNN's epoch, best and patience, as its own run would keep them; the positions improved."""
         improved, patience, epoch = [], self.config.patience, row["epoch"]
         first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), 0)
-        for i, local in enumerate(self.state["locals"]):
-            if local["stopped_at"] is not None:
+        for i, local in enumerate(self.state.locals):
+            if local.stopped_at is not None:
                 continue  # alone it would have stopped: nothing after counts
-            local["history"].append({key: row[key] for key in ("epoch", "train_seconds", "eval_seconds", "lr")}
-                                    | {"train_loss": losses[i], "val_accuracy": val[i]})
+            local.history.append({key: row[key] for key in ("epoch", "train_seconds", "eval_seconds", "lr")}
+                                 | {"train_loss": losses[i], "val_accuracy": val[i]})
             if diverged is not None and i == first_bad:
-                local["diverged"] = diverged
-            if val[i] is not None and (local["best_val_accuracy"] is None or val[i] > local["best_val_accuracy"]):
-                local["best_val_accuracy"], local["best_epoch"], local["stale_epochs"] = val[i], epoch, 0
+                local.diverged = diverged
+            if local.note_validation(epoch, val[i]):
                 improved.append(i)
-            else:
-                local["stale_epochs"] += 1
-            if patience is not None and local["stale_epochs"] >= patience:
-                local["stopped_at"] = epoch
+            if patience is not None and local.stale_epochs >= patience:
+                local.stopped_at = epoch
         return improved
 
     @torch.inference_mode()
@@ -134,43 +131,43 @@ class LocalPhase(Trainer):
         state = self.state
         for i in improved:
             save_checkpoint(self.local_records[i].path(BEST),
-                            {"model": self.model.locals[i].state_dict(), "epoch": state["epoch"]})
+                            {"model": self.model.locals[i].state_dict(), "epoch": state.epoch})
         self._save_checkpoint()
-        self.record.write_epochs(state["history"])
-        for record, local in zip(self.local_records, state["locals"]):
-            record.write_epochs(local["history"])
+        self.record.write_epochs(state.history)
+        for record, local in zip(self.local_records, state.locals):
+            record.write_epochs(local.history)
 
     def _finish(self) -> None:
         """Score each local CNN's best weights on the test set (one pass for all) and write its summary; a phase
         that diverged scores nothing and raises TrainingDiverged (the local CNN whose loss went first named)."""
-        state, diverged = self.state, self.state["diverged"]
+        state, diverged = self.state, self.state.diverged
         accuracies: list[float | None] = [None] * len(self.indices)
         if not diverged:
-            for i, (record, local) in enumerate(zip(self.local_records, state["locals"])):
-                if local["best_epoch"] is not None:
+            for i, (record, local) in enumerate(zip(self.local_records, state.locals)):
+                if local.best_epoch is not None:
                     self.model.locals[i].load_state_dict(load_checkpoint(record.path(BEST))["model"])
             accuracies = self.evaluate_locals(self.splits.test)
-        shared = self.accounting.summary(state["history"])
+        shared = self.accounting.summary(state.history)
         for i, record in enumerate(self.local_records):
             record.write_summary(self.local_summary(i, accuracies[i], shared))
         if diverged:
-            local = next((k for k, local in zip(self.indices, state["locals"]) if local["diverged"]), self.indices[0])
+            local = next((k for k, local in zip(self.indices, state.locals) if local.diverged), self.indices[0])
             raise TrainingDiverged.at(diverged | {"local_cnn": local}, self.config.resolved_lr, self.record.dir)
 
     def local_summary(self, i: int, test_accuracy: float | None, shared: dict) -> dict:
         """Local CNN i's summary.json: its own accuracy, epochs, parameters and FLOPs; the phase's seconds and
         resources, which it shared with the local CNNs trained beside it."""
-        c, state, local = self.config, self.state, self.state["locals"][i]
+        c, state, local = self.config, self.state, self.state.locals[i]
         return declared.checked({
             "name": f"{c.run_name}-k{self.indices[i]:02d}", "model": c.model, "policy": c.policy,
             "aug_backend": c.aug_backend, "data": self.splits.name, "world_size": 1,
-            "test_accuracy": test_accuracy, "best_val_accuracy": local["best_val_accuracy"],
-            "best_epoch": local["best_epoch"], "epochs_run": len(local["history"]),
-            "stopped_early": len(local["history"]) < c.epochs, "diverged": local["diverged"] is not None,
-            "diverged_at": local["diverged"], "train_seconds": state["train_seconds"],
-            "images_seen": state["images_seen"], "params": self.local_params[i],
+            "test_accuracy": test_accuracy, "best_val_accuracy": local.best_val_accuracy,
+            "best_epoch": local.best_epoch, "epochs_run": len(local.history),
+            "stopped_early": len(local.history) < c.epochs, "diverged": local.diverged is not None,
+            "diverged_at": local.diverged, "train_seconds": state.train_seconds,
+            "images_seen": state.images_seen, "params": self.local_params[i],
             "train_flops_per_image": self.local_flops[i], "comm_bytes_total": 0,
             "train_images": len(self.splits.train), "val_images": len(self.splits.val),
-            "test_images": len(self.splits.test), "resumed_at_epochs": state["resumed_at"],
+            "test_images": len(self.splits.test), "resumed_at_epochs": state.resumed_at,
             "bucket_cap_mb": c.bucket_cap_mb,
         } | {figure: shared.get(figure) for figure in SHARED_FIGURES})
