@@ -195,8 +195,10 @@ def test_a_study_killed_with_its_process_group_leaves_no_rank_and_its_rerun_trai
                              start_new_session=True)
     while not ((out / ".lock").exists() and (out / ".lock").read_text()) and study.poll() is None:
         time.sleep(0.05)
+    assert study.poll() is None, f"the study ended before it could be killed: {study.communicate()[0][-3000:]}"
     second = run_cli("study", str(study_file), "--out", str(out), "--no-report", timeout=60)
-    assert second.returncode == 2 and f"in use by pid {study.pid}" in second.stderr, second.stderr
+    assert second.returncode == 2 and f"in use by pid {study.pid}" in second.stderr, (
+        second.stderr, study.poll(), study.communicate()[0][-3000:] if study.poll() is not None else "")
     deadline, killed = time.monotonic() + 240, None
     while time.monotonic() < deadline:  # kill it while a run's two ranks train after its first checkpoint
         ranks = distcnn_ranks(out)
