@@ -210,7 +210,7 @@ class Trainer:
     def _compile(self) -> None:
         compile_warmup(self)
 
-    def _step_begin(self) -> None:
+    def step_begin(self) -> None:
         """reduce-overhead: a new step begins, so the CUDA graphs may reuse the last step's output memory."""
         if self.config.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
@@ -235,14 +235,14 @@ class Trainer:
         timer = self.accounting.timer
         self.optimizer.zero_grad(set_to_none=True)
         self.accounting.begin_epoch(epoch)  # the timer's first phase starts here
-        self._sync()
+        self.sync()
         start = time.perf_counter()
         with progress:
             for step, (raw_images, raw_labels) in enumerate(self.inputs):
                 timer.mark("data_wait")
                 x, targets = self.inputs.prepare(raw_images, raw_labels)
                 timer.mark("augmentation")
-                self._step_begin()
+                self.step_begin()
                 with self.precision.autocast():
                     loss = self.criterion(self.step_model(x), targets)
                 timer.mark("forward")
@@ -260,7 +260,7 @@ class Trainer:
                 progress.advance(step, loss, images, time.perf_counter() - start)
                 timer.mark("optimizer")
                 self.accounting.end_step()
-            self._sync()
+            self.sync()
             seconds = time.perf_counter() - start
         total_loss, total_images, diverging = world.all_reduce_sum(
             [loss_sum.item(), float(images), float(first_bad.isfinite())], self.ranks)
@@ -272,7 +272,8 @@ class Trainer:
                   "loss": str(loss)}
         return total_loss / max(1.0, total_images), int(total_images), seconds, at
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the device's queued work (a GPU's), so that a clock read after it times the work."""
         if self.ranks.device.type == "cuda":
             torch.cuda.synchronize(self.ranks.device)
 
@@ -361,15 +362,15 @@ def compile_warmup(trainer: Trainer) -> None:
     x = x.contiguous(memory_format=trainer.memory_format)
     targets = torch.zeros(x.shape[0], dtype=torch.long, device=trainer.ranks.device)
     trainer.step_model.train()
-    trainer._sync()
+    trainer.sync()
     start = time.perf_counter()
     for _ in range(3 if trainer.config.compile == "reduce-overhead" else 1):
-        trainer._step_begin()
+        trainer.step_begin()
         with trainer.precision.autocast():
             loss = trainer.criterion(trainer.step_model(x), targets)
         loss.backward()
         trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._sync()
+    trainer.sync()
     seconds = time.perf_counter() - start
     with torch.no_grad():
         for buffer, value in zip(trainer.model.buffers(), saved):

@@ -98,7 +98,7 @@ def spied_run(tmp_path, slow: float = 0.0, **options) -> tuple[dict, list[int]]:
     config = make_config({"data": "synthetic:n=600", "model": "lenet", "batch_size": 32, "threads": 1,
                           "sample_interval": 0.1, "out": str(tmp_path / "run")} | options)
     started, timed = [0], []
-    step_begin, arm = Trainer._step_begin, GradientReadiness.arm
+    step_begin, arm = Trainer.step_begin, GradientReadiness.arm
 
     def counted_step_begin(self):
         started[0] += 1
@@ -111,7 +111,7 @@ def spied_run(tmp_path, slow: float = 0.0, **options) -> tuple[dict, list[int]]:
         arm(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "_step_begin", counted_step_begin)
+        patch.setattr(Trainer, "step_begin", counted_step_begin)
         patch.setattr(GradientReadiness, "arm", spied_arm)
         return run(config), timed
 
