@@ -9,32 +9,39 @@ existed keeps that field's default.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
-class LocalState:
-    """One local CNN of a local phase, as its own run would keep it."""
+class Best:
+    """The best validation accuracy so far, its epoch, and the epochs since (what patience counts)."""
 
     best_val_accuracy: float | None = None
     best_epoch: int | None = None
     stale_epochs: int = 0
+
+    def note_validation(self, epoch: int, accuracy: float | None) -> bool:
+        """The epoch's validation accuracy against the best so far; True when it is the new best."""
+        improved = accuracy is not None and (self.best_val_accuracy is None or accuracy > self.best_val_accuracy)
+        if improved:
+            self.best_val_accuracy, self.best_epoch, self.stale_epochs = accuracy, epoch, 0
+        else:
+            self.stale_epochs += 1
+        return improved
+
+
+@dataclass
+class LocalState(Best):
+    """One local CNN of a local phase, as its own run would keep it."""
+
     stopped_at: int | None = None  # the epoch its patience ran out (after it, nothing counts)
     history: list[dict] = field(default_factory=list)
     diverged: dict | None = None
 
-    def note_validation(self, epoch: int, accuracy: float | None) -> bool:
-        """The epoch's validation accuracy against the best so far; True when it is the new best."""
-        return _note_validation(self, epoch, accuracy)
-
 
 @dataclass
-class RunState:
+class RunState(Best):
     epoch: int = 0  # epochs finished
-    best_val_accuracy: float | None = None
-    best_epoch: int | None = None
-    stale_epochs: int = 0  # epochs since the best
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # training + validation of every epoch so far
     images_seen: int = 0
@@ -46,14 +53,12 @@ class RunState:
     locals: list[LocalState] = field(default_factory=list)  # a local phase's local CNNs
 
     def saved(self) -> dict:
-        return copy.deepcopy(asdict(self))
+        return asdict(self)  # a deep copy: later epochs do not change what was saved
 
     @classmethod
     def restored(cls, saved: dict) -> RunState:
-        known = {declared.name for declared in fields(cls)}
-        values = copy.deepcopy({name: value for name, value in saved.items() if name in known})
-        local_fields = {declared.name for declared in fields(LocalState)}
-        values["locals"] = [LocalState(**{name: value for name, value in local.items() if name in local_fields})
+        values = {name: value for name, value in saved.items() if name in _names(cls)}
+        values["locals"] = [LocalState(**{name: value for name, value in local.items() if name in _names(LocalState)})
                             for local in values.get("locals", [])]
         return cls(**values)
 
@@ -65,9 +70,6 @@ class RunState:
         self.wall_seconds += row["epoch_seconds"]
         self.images_seen += images
 
-    def note_validation(self, epoch: int, accuracy: float | None) -> bool:
-        return _note_validation(self, epoch, accuracy)
-
     def note_target(self, target: float | None, val_accuracy: float | None) -> bool:
         """Time to accuracy, the MLPerf way: the first epoch whose validation accuracy reaches the target, with
         the wall seconds (training + validation, checkpoints excluded) and images up to and including it (after
@@ -78,10 +80,6 @@ class RunState:
         return True
 
 
-def _note_validation(state: RunState | LocalState, epoch: int, accuracy: float | None) -> bool:
-    improved = accuracy is not None and (state.best_val_accuracy is None or accuracy > state.best_val_accuracy)
-    if improved:
-        state.best_val_accuracy, state.best_epoch, state.stale_epochs = accuracy, epoch, 0
-    else:
-        state.stale_epochs += 1
-    return improved
+def _names(kind: type) -> set[str]:
+    """The fields a checkpoint may give back (one written before a field existed keeps its default)."""
+    return {declared.name for declared in fields(kind)}
