@@ -24,8 +24,9 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imported(name: str, path: Path) -> set[str]:
-    """The distcnn modules a module names in its imports, at any depth (a function's lazy import counts too)."""
+def all_imported(name: str, path: Path) -> set[str]:
+    """Every module a module names in its imports, distcnn's or not, at any depth (a function's lazy import
+    counts too)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -38,7 +39,12 @@ def imported(name: str, path: Path) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             targets.add(base)
             targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return {target for target in targets if target == "distcnn" or target.startswith("distcnn.")}
+    return targets
+
+
+def imported(name: str, path: Path) -> set[str]:
+    """The distcnn modules a module names in its imports, at any depth."""
+    return {target for target in all_imported(name, path) if target == "distcnn" or target.startswith("distcnn.")}
 
 
 def unit(module: str) -> str:
@@ -99,17 +105,6 @@ def test_nothing_imports_the_command_line():
     assert users == []
 
 
-def names_imported(path: Path) -> set[str]:
-    """Every module a file imports, distcnn's or not, at any depth."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-    return found
-
-
 def test_printing_a_line_joins_no_process_group():
     """distcnn.console, and every distcnn module it reaches, never imports torch.distributed."""
     known, seen, todo = modules(), set(), ["distcnn.console"]
@@ -121,7 +116,7 @@ def test_printing_a_line_joins_no_process_group():
         todo += imported(name, known[name])
     assert "distcnn.parallel.ranks" in seen  # the walk followed console's imports
     distributed = {name for name in seen if any(module == "torch.distributed" or module.startswith(
-        "torch.distributed.") for module in names_imported(known[name]))}
+        "torch.distributed.") for module in all_imported(name, known[name]))}
     assert distributed == set()
 
 
