@@ -14,16 +14,15 @@ import sys
 from pathlib import Path
 
 from distcnn import ownership
-
-from distcnn.parallel import torchrun
 from distcnn.config import TrainConfig
 from distcnn.errors import UsageError, WorkersFailed
+from distcnn.parallel import torchrun
 from distcnn.record import RunRecord
 
 
 def main(argv: list[str]) -> int:
-    ownership.die_with_parent()  # the launcher's end is this agent's end, and so its ranks'
-    ownership.mark_parent()
+    ownership.die_with_parent()  # the launcher's end is this agent's end, and so its ranks' (torchrun.launch
+    # marks this agent as theirs)
     run_dir, address, endpoint, rdzv_id, is_host, *worker = argv
     saved = TrainConfig(**RunRecord(Path(run_dir)).read_config())
     config = saved.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})
