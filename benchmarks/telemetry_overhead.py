@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from benchdata import data_spec
-from distcnn.parallel import world as group
 from distcnn.config import make_config
-from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
+from distcnn.parallel import world as group
 from distcnn.record import RunRecord
+from distcnn.telemetry.accounting import DDP_SAMPLE_EVERY, Accounting
 from distcnn.telemetry.steps import PHASES, StepTimer
 from distcnn.trainer import Trainer
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 
 from distcnn import ownership, shifts, speed
-
-from distcnn.parallel import checks, emulated, torchrun, world
 from distcnn.augment import build_augment, build_batch_mix
 from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
@@ -25,6 +23,7 @@ from distcnn.data import DataSplits
 from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
 from distcnn.models import check_input_size, create_model
 from distcnn.ownership import DirectoryLock, filesystem_problem
+from distcnn.parallel import checks, emulated, torchrun, world
 from distcnn.record import RunRecord
 from distcnn.strategies import get_strategy
 from distcnn.trainer import DATA_OPTIONS, load_splits
@@ -60,9 +59,9 @@ def validate(config: TrainConfig, splits: DataSplits | None = None, on_this_mach
     get_strategy(config.strategy).validate(config, splits)
     if on_this_machine:
         checks.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
-    world = config.nproc_per_node * config.nnodes
-    if len(splits.train) < 2 * world:
-        raise UsageError(f"{len(splits.train)} training images are too few for {world} ranks (need 2 per rank)")
+    job_ranks = config.nproc_per_node * config.nnodes
+    if len(splits.train) < 2 * job_ranks:
+        raise UsageError(f"{len(splits.train)} training images are too few for {job_ranks} ranks (need 2 per rank)")
     return splits
 
 

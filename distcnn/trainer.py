@@ -21,14 +21,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import comm, shifts, speed
-
-from distcnn.parallel import world
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
 from distcnn.console import EpochTable, StepProgress, loaded_line, say
 from distcnn.data import DataSplits, load_data
 from distcnn.errors import TrainingDiverged
 from distcnn.models import count_params, create_model, train_flops_per_image
+from distcnn.parallel import world
 from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
 from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment

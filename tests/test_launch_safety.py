@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distcnn.parallel import addresses, checks, torchrun
 from distcnn.config import available_cores, make_config
 from distcnn.errors import UsageError
+from distcnn.parallel import addresses, checks, torchrun
 from helpers import ROOT, TWO_RANKS, usage_error
 
 

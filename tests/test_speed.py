@@ -11,10 +11,10 @@ import torch
 
 from helpers import usage_error
 from distcnn import speed
-from distcnn.parallel import checks
 from distcnn.config import make_config
 from distcnn.errors import UsageError
 from distcnn.launch import run
+from distcnn.parallel import checks
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import comm, ownership
-
+from distcnn.config import TrainConfig
 from distcnn.parallel import world
 from distcnn.parallel.ranks import Ranks
-from distcnn.config import TrainConfig
 from distcnn.record import RunRecord, write_json
 
 SMALLEST = 4096

@@ -21,7 +21,6 @@ from typing import NoReturn
 
 import torch
 
-from distcnn.parallel import world
 from distcnn import summary as declared
 from distcnn.checkpoint import load_checkpoint
 from distcnn.config import TrainConfig
@@ -33,6 +32,7 @@ from distcnn.decomposition.models import CoherentCNNDNN, build_local
 from distcnn.decomposition.subimages import Grid, Layout
 from distcnn.errors import TrainingDiverged, UsageError
 from distcnn.models import count_params
+from distcnn.parallel import world
 from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs
 from distcnn.record import BEST, CHECKPOINT, RunRecord

@@ -16,9 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from distcnn.parallel import world
 from distcnn.console import say
 from distcnn.errors import UsageError
+from distcnn.parallel import world
 from distcnn.record import PLACEMENT_ENV
 from distcnn.study import job
 

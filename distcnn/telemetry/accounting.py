@@ -14,17 +14,16 @@ import os
 import torch
 
 from distcnn import comm
-
-from distcnn.parallel import world
 from distcnn.config import TrainConfig
+from distcnn.parallel import world
 from distcnn.parallel.ranks import Ranks
+from distcnn.record import RunRecord
 from distcnn.telemetry.counters import run_interfaces
 from distcnn.telemetry.gradients import GradientReadiness
-from distcnn.record import RunRecord
 from distcnn.telemetry.resources import combine_ranks
 from distcnn.telemetry.sampler import ResourceSampler
-from distcnn.telemetry.tensorboard import EventLog
 from distcnn.telemetry.steps import StepTimer, epoch_figures, epoch_medians, run_breakdown, warm_up
+from distcnn.telemetry.tensorboard import EventLog
 
 DDP_SAMPLE_EVERY = 10  # steps between DDP's own runtime timers (it also times each of the first 10)
 DDP_TIMES = {"ddp_comm": "backward_comm_time", "ddp_overlap": "backward_compute_comm_overlap_time",
