@@ -1,45 +1,73 @@
-"""What a run trained by the loop (distcnn.trainer.Trainer) leaves at its end: its scores on shifted test sets,
-its summary.json, and the last line it prints.
+"""The one builder of summary.json, and the last line a run prints.
 
-Kept apart from the loop so that the loop stays one screen per concern; it reads the trainer it is given and
-imports nothing of distcnn.trainer (the loop imports this module).
+Every run record's summary is built by `build_summary`: the config and the data (`head`, here), then the parts
+its producer measured, each a complete group of declared figures: what the run did (`progress`), what its
+model cost (`cost`), what its weights scored (`Scores`), its accounting (distcnn.telemetry.accounting), and
+what its strategy adds. `distcnn.summary.checked` then refuses a key not declared and a required one missing,
+so a producer that forgets a figure fails where it is built, not in a study. The loop (distcnn.trainer), the
+local phase and the CNN-DNN (distcnn.strategies) all call it; none writes its own summary.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from distcnn import comm, shifts, speed
+from distcnn import shifts, speed
 from distcnn import summary as declared
 from distcnn.augment import get_policy
 from distcnn.config import TrainConfig
-from distcnn.data import ImageSet
-from distcnn.parallel.ranks import Ranks
+from distcnn.data import DataSplits, ImageSet
+from distcnn.run_state import Best, RunState
+
+Evaluate = Callable[[ImageSet, "shifts.Shift | None"], float]  # (images, shift) -> accuracy, on every rank
 
 
-def speed_options(config: TrainConfig, ranks: Ranks) -> dict:
-    return speed.describe(config.precision, config.memory_format, config.compile, ranks.device.type)
+def speed_options(config: TrainConfig, device_type: str) -> dict:
+    return speed.describe(config.precision, config.memory_format, config.compile, device_type)
 
 
-def evaluate_shifts(trainer: Any) -> tuple[int | None, float | None, dict[str, dict[str, float]] | None]:
-    """--eval-shift: (images scored, their unshifted accuracy, {shift: {"1": accuracy, ...}}) on shifted copies
-    of the test set, or of --shift-images of its images. Shifts and subset are seeded by the split seed: every
-    run of a study is scored on the same shifted images."""
-    config, splits = trainer.config, trainer.splits
+@dataclass(frozen=True)
+class Scores:
+    """What a run's weights scored at its end; None where nothing was scored (a run that diverged)."""
+
+    test_accuracy: float | None = None
+    shift_images: int | None = None  # test images the shifts were scored on
+    shift_clean: float | None = None  # their accuracy unshifted (None: they are the whole test set)
+    shift_accuracy: dict | None = None  # {shift: {"1": accuracy, ...}}
+    shift_seconds: float | None = None
+
+    def figures(self) -> dict:
+        by_shift = self.shift_accuracy
+        clean = self.test_accuracy if by_shift and self.shift_clean is None else self.shift_clean
+        mean = (sum(a for by in by_shift.values() for a in by.values()) / sum(len(by) for by in by_shift.values())
+                if by_shift else None)
+        return {"test_accuracy": self.test_accuracy, "shift_images": self.shift_images,
+                "shift_clean_accuracy": clean, "shift_accuracy": by_shift, "shift_accuracy_mean": mean,
+                "shift_eval_seconds": self.shift_seconds}
+
+
+def score(config: TrainConfig, splits: DataSplits, evaluate: Evaluate) -> Scores:
+    """The test accuracy and, with --eval-shift, the accuracy on shifted copies of the test set, or of
+    --shift-images of its images. Shifts and subset are seeded by the split seed: every run of a study is
+    scored on the same shifted images."""
+    test_accuracy = evaluate(splits.test, None)
     names = shifts.parse_shifts(config.eval_shift)
     if not names:
-        return None, None, None
+        return Scores(test_accuracy)
+    start = time.perf_counter()
     test, n = splits.test, config.shift_images
     if n is not None and n < len(test):
         generator = torch.Generator().manual_seed(config.split_seed)
         chosen = torch.randperm(len(test), generator=generator)[:n].sort().values
         test = ImageSet(test.images[chosen], test.labels[chosen])
-    clean = trainer.evaluate(test) if test is not splits.test else None
-    accuracy = {name: {str(severity): trainer.evaluate(test, shifts.Shift(name, severity, config.split_seed))
+    clean = evaluate(test, None) if test is not splits.test else None
+    accuracy = {name: {str(severity): evaluate(test, shifts.Shift(name, severity, config.split_seed))
                        for severity in shifts.SEVERITIES} for name in names}
-    return len(test), clean, accuracy
+    return Scores(test_accuracy, len(test), clean, accuracy, time.perf_counter() - start)
 
 
 def shifts_in_training(config: TrainConfig, channels: int) -> list[str]:
@@ -48,61 +76,50 @@ def shifts_in_training(config: TrainConfig, channels: int) -> list[str]:
     return shifts.shifts_in_training(policy, config.cutmix)
 
 
-def run_summary(trainer: Any, test_accuracy: float, shift_images: int | None, shift_clean: float | None,
-                shift_accuracy: dict | None, shift_seconds: float | None) -> dict:
-    """The summary.json of a run trained by the loop, assembled here and only here: the loop's own figures,
-    then accounting's (collective: every rank calls this), then what the run's strategy adds."""
-    config, splits, ranks, state = trainer.config, trainer.splits, trainer.ranks, trainer.state
-    target = state.target or {}
-    summary = {
-        "name": config.run_name,
-        "model": config.model,
-        "policy": config.policy,
-        "aug_backend": config.aug_backend,
-        **speed_options(config, ranks),
-        "data": splits.name,
-        "world_size": ranks.world_size,
-        "test_accuracy": test_accuracy,
-        "best_val_accuracy": state.best_val_accuracy,
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "stopped_early": state.epoch < config.epochs,
-        "diverged": state.diverged is not None,
-        "diverged_at": state.diverged,
-        "train_seconds": state.train_seconds,
-        "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in state.history),
-        "compile_seconds": trainer.compile_seconds,
-        "images_seen": state.images_seen,
-        "images_per_second": state.images_seen / state.train_seconds if state.train_seconds else None,
-        "params": trainer.params,
-        "train_flops_per_image": trainer.flops_per_image,
-        "achieved_flops_per_s": (trainer.flops_per_image * state.images_seen / ranks.world_size
-                                 / state.train_seconds) if state.train_seconds else None,
-        "gradient_bytes": comm.gradient_bytes(trainer.model),
-        "bucket_cap_mb": config.bucket_cap_mb,
-        "train_images": len(splits.train),
-        "val_images": len(splits.val),
-        "test_images": len(splits.test),
-        "resumed_at_epochs": state.resumed_at,
-        "restarts": state.restarts,
-        "telemetry": config.telemetry,
-        "aug_strength": config.aug_strength,
-        "target_accuracy": config.target_accuracy,
-        "time_to_target_seconds": target.get("seconds"),
-        "epochs_to_target": target.get("epoch"),
-        "images_to_target": target.get("images"),
-        # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
-        "stopped_at_target": bool(config.stop_at_target and target and state.epoch < config.epochs),
-        "shift_images": shift_images,
-        "shift_clean_accuracy": test_accuracy if shift_accuracy and shift_clean is None else shift_clean,
-        "shift_accuracy": shift_accuracy,
-        "shift_accuracy_mean": (sum(a for by in shift_accuracy.values() for a in by.values())
-                                / sum(len(by) for by in shift_accuracy.values())) if shift_accuracy else None,
-        "shifts_in_training": shifts_in_training(config, splits.channels),
-        "shift_eval_seconds": shift_seconds,
-    } | trainer.accounting.summary(state.history)
-    if trainer.summary_extra is not None:
-        summary |= trainer.summary_extra(trainer.model, summary)
+def head(config: TrainConfig, splits: DataSplits, device_type: str, world_size: int) -> dict:
+    """What every summary begins with: the run as configured and the data it trained on."""
+    return {"name": config.run_name, "model": config.model, "policy": config.policy,
+            "aug_backend": config.aug_backend, **speed_options(config, device_type), "data": splits.name,
+            "world_size": world_size, "bucket_cap_mb": config.bucket_cap_mb, "train_images": len(splits.train),
+            "val_images": len(splits.val), "test_images": len(splits.test), "telemetry": config.telemetry,
+            "aug_strength": config.aug_strength, "target_accuracy": config.target_accuracy,
+            "shifts_in_training": shifts_in_training(config, splits.channels)}
+
+
+def progress(config: TrainConfig, best: Best, epochs_run: int, diverged: dict | None, clock: RunState) -> dict:
+    """What a model's training did: `best` its validation, `epochs_run` the epochs that count for it, `clock`
+    the loop's time, images, resumes and time to target (a local CNN's are its phase's)."""
+    target = clock.target or {}
+    seconds = clock.train_seconds
+    return {"best_val_accuracy": best.best_val_accuracy, "best_epoch": best.best_epoch, "epochs_run": epochs_run,
+            "stopped_early": epochs_run < config.epochs, "diverged": diverged is not None, "diverged_at": diverged,
+            "train_seconds": seconds, "eval_seconds": sum(row.get("eval_seconds") or 0.0 for row in clock.history),
+            "images_seen": clock.images_seen,
+            "images_per_second": clock.images_seen / seconds if seconds else None,
+            "resumed_at_epochs": clock.resumed_at, "restarts": clock.restarts,
+            "time_to_target_seconds": target.get("seconds"), "epochs_to_target": target.get("epoch"),
+            "images_to_target": target.get("images"),
+            # True only when --stop-at-target cut the run short (a target met in the last epoch stops nothing)
+            "stopped_at_target": bool(config.stop_at_target and target and clock.epoch < config.epochs)}
+
+
+def cost(params: int, flops_per_image: float, clock: RunState, world_size: int, gradient_bytes: int | None,
+         compile_seconds: float | None) -> dict:
+    """What a model cost: its size, its FLOPs per image and the rate it trained at per rank."""
+    seconds = clock.train_seconds
+    return {"params": params, "train_flops_per_image": flops_per_image,
+            "achieved_flops_per_s": flops_per_image * clock.images_seen / world_size / seconds if seconds else None,
+            "gradient_bytes": gradient_bytes, "compile_seconds": compile_seconds}
+
+
+def build_summary(config: TrainConfig, splits: DataSplits, device_type: str, world_size: int, *parts: dict,
+                  unmeasured: bool = False) -> dict:
+    """The summary.json of a run record: its head, then each part in turn (a later part's figure replaces an
+    earlier one's), in the declared order, checked complete. `unmeasured`: the producer measured only what its
+    parts give (a CNN-DNN trained in parts); every other figure is null."""
+    summary = (declared.unmeasured() if unmeasured else {}) | head(config, splits, device_type, world_size)
+    for part in parts:
+        summary |= part
     return declared.checked(summary)
 
 

@@ -228,13 +228,25 @@ def key(name: str) -> str:
     return name
 
 
-_TOP_LEVEL = frozenset(name for declared in FIELDS for name in declared.names())
+_ORDER = tuple(name for declared in FIELDS for name in declared.names())  # summary.json's keys, in order
+REQUIRED = tuple(name for declared in FIELDS if not declared.optional for name in declared.names())
+
+
+def unmeasured() -> dict:
+    """Every required figure, null: the start of a summary whose producer measured only what it then sets
+    (a CNN-DNN trained in parts, or stopped before anything was scored)."""
+    return dict.fromkeys(REQUIRED)
 
 
 def checked(summary: dict) -> dict:
-    """A summary as its producer assembled it, refused when it holds a key not declared in FIELDS: producers
-    call this last, so a figure cannot reach summary.json (and the studies) without a declared unit."""
-    undeclared = [name for name in summary if name not in _TOP_LEVEL]
+    """A summary as its producer assembled it, in the declared order; refused when it holds a key not declared
+    in FIELDS or lacks a required one (not `optional`). Producers call this last, so a figure cannot reach
+    summary.json (and the studies) without a declared unit, nor be left out silently: one not measured is
+    there as null."""
+    undeclared = [name for name in summary if name not in _ORDER]
     if undeclared:
         raise KeyError(f"summary keys not declared in distcnn.summary.FIELDS: {', '.join(undeclared)}")
-    return summary
+    missing = [name for name in REQUIRED if name not in summary]
+    if missing:
+        raise KeyError(f"summary lacks required fields of distcnn.summary.FIELDS: {', '.join(missing)}")
+    return {name: summary[name] for name in _ORDER if name in summary}

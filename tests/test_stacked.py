@@ -12,6 +12,7 @@ import torch
 from helpers import read_summary
 from torch import nn
 
+from distcnn import summary as declared
 from distcnn.config import make_config
 from distcnn.decomposition.models import StackedLocals, SummedLoss, build_local
 from distcnn.decomposition.subimages import Grid
@@ -93,12 +94,15 @@ def test_an_independent_cnn_dnn_keeps_a_record_per_local_cnn_and_trains_them_in_
         local = read_summary(out / "local" / f"k{k:02d}")
         rows = (out / "local" / f"k{k:02d}" / "epochs.csv").read_text().splitlines()
         assert len(rows) == 3 and (out / "local" / f"k{k:02d}" / "best.pt").exists()
+        assert declared.checked(local) == local, "every required field, declared"
+        assert local["target_accuracy"] is None and local["cpu_seconds_total"] is None  # the phase's, not its own
         assert local["epochs_run"] == 2 and 0 <= local["test_accuracy"] <= 1 and local["comm_bytes_total"] == 0
         assert local["best_epoch"] in (1, 2)
         assert summary["local_test_accuracy"][k] == local["test_accuracy"]
     phase = out / "local" / "rank0"
     assert (phase / "checkpoint.pt").exists() and len((phase / "epochs.csv").read_text().splitlines()) == 3
     assert summary["phases"]["local"]["comm_bytes"] == 0
+    assert declared.checked(summary) == summary and summary["step_time_breakdown"] is None  # trained in parts
     assert summary["train_flops_per_image"] == sum(
         read_summary(out / "local" / f"k{k:02d}")["train_flops_per_image"] for k in range(4))
     assert set(summary["aggregators"]) == {"dnn", "mean", "vote"}
@@ -123,16 +127,19 @@ def test_every_shipped_study_parses_and_the_scaling_study_has_every_grid_at_ever
 def test_a_local_cnn_whose_patience_ran_out_keeps_the_best_of_the_epochs_it_would_have_trained_alone():
     from types import SimpleNamespace
 
-    from distcnn.strategies.local_phase import LocalPhase
+    from distcnn.strategies.local_phase import LocalCNNs
 
     from distcnn.run_state import LocalState, RunState
 
-    phase = SimpleNamespace(config=SimpleNamespace(patience=1), state=RunState(locals=[LocalState(), LocalState()]))
+    trainer = SimpleNamespace(config=SimpleNamespace(patience=1),
+                              state=RunState(locals=[LocalState(), LocalState()]))
+    outcome = LocalCNNs(SimpleNamespace(label_smoothing=0.0), [], [0, 1], shown=None)
     improved = []
     for epoch, val in enumerate([[0.5, 0.5], [0.4, 0.6], [0.9, 0.7]], start=1):
         row = {"epoch": epoch, "train_seconds": 1.0, "eval_seconds": 0.1, "lr": 0.1}
-        improved.append(LocalPhase._note_locals(phase, row, [1.0, 1.0], val, None))
-    first, second = phase.state.locals
+        outcome.losses, outcome.val = [1.0, 1.0], val
+        improved.append(outcome.note(trainer, row)[0])
+    first, second = trainer.state.locals
     assert improved == [[0, 1], [1], [1]]
     assert first.stopped_at == 2 and first.best_epoch == 1 and first.best_val_accuracy == 0.5
     assert len(first.history) == 2, "alone it stopped after epoch 2: epoch 3's 0.9 is not its"

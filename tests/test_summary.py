@@ -43,6 +43,17 @@ def test_names_are_declared_once_and_every_response_has_a_unit_and_a_field():
         declared.key("test_acuracy")
 
 
+def test_a_summary_is_refused_with_a_key_not_declared_or_a_required_one_missing():
+    complete = declared.unmeasured() | {"test_accuracy": 0.5}
+    assert list(declared.checked(dict(reversed(complete.items())))) == list(complete), "the declared order"
+    with pytest.raises(KeyError, match="test_acuracy"):
+        declared.checked(complete | {"test_acuracy": 0.5})
+    del complete["epochs_run"], complete["params"]
+    with pytest.raises(KeyError, match="lacks required fields.*epochs_run, params"):
+        declared.checked(complete)
+    assert "grid" not in declared.REQUIRED and "grid" not in declared.unmeasured()  # optional: a CNN-DNN's only
+
+
 def test_the_name_lists_it_owns_are_the_ones_the_producers_use():
     from distcnn import shifts
     from distcnn.telemetry import steps

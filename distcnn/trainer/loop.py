@@ -1,11 +1,10 @@
 """The one training loop of every run (1..N ranks, any strategy): epochs, evaluation, early stopping, time to
 target, checkpoints; precision, memory format and compile (distcnn.speed); the DDP comm hook and bucket size.
 
-A strategy (distcnn.strategies) runs it through `train_run`, passing what differs as data at construction: the
-model to build for the loaded data, the data itself, and what it adds to the summary. Every run record gets its
-environment.json from `write_environment`; a run the loop trains gets its summary.json from
-distcnn.run_summary (the one other summary, an independent CNN-DNN's, is built from its local runs' by
-strategies.dd.independent_summary).
+A strategy (distcnn.strategies) runs it through `train_run`, passing what differs at construction: the
+model to build for the loaded data, the data itself, and the run's outcome (distcnn.trainer.outcome: what it
+keeps of each epoch and leaves at its end; by default one model's). Every run record gets its environment.json
+from distcnn.trainer.setup.write_environment and its summary.json from distcnn.run_summary.build_summary.
 """
 
 from __future__ import annotations
@@ -18,33 +17,23 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from distcnn import comm, shifts, speed
 from distcnn.checkpoint import load_checkpoint, save_checkpoint
 from distcnn.config import TrainConfig
-from distcnn.console import EpochTable, StepProgress, loaded_line, say
-from distcnn.data import DataSplits, load_data
-from distcnn.errors import TrainingDiverged
+from distcnn.console import EpochTable, StepProgress, say
+from distcnn.data import DataSplits
 from distcnn.models import count_params, create_model, train_flops_per_image
 from distcnn.parallel import world
 from distcnn.parallel.ranks import Ranks
 from distcnn.pipeline import EvalInputs, TrainInputs, eval_batch_size
-from distcnn.record import BEST, CHECKPOINT, RunRecord, describe_environment
+from distcnn.record import CHECKPOINT, RunRecord
 from distcnn.run_state import RunState
-from distcnn.run_summary import evaluate_shifts, final_line, run_summary, speed_options
 from distcnn.telemetry.accounting import Accounting
-
-DATA_OPTIONS = ("data", "data_dir", "image_size", "train_subset", "val_fraction", "test_fraction", "split_seed",
-                "download")
+from distcnn.trainer.outcome import OneModel, Outcome
+from distcnn.trainer.setup import build_optimizer, build_scheduler, data_parallel, load_splits, write_environment
 
 BuildModel = Callable[[DataSplits], nn.Module]  # the network a run trains, for the data it loaded
-SummaryExtra = Callable[[nn.Module, dict], dict]  # (trained model, the loop's summary) -> what a strategy adds
-
-
-def load_splits(config: TrainConfig) -> DataSplits:
-    data, *options = DATA_OPTIONS  # load_data's keywords carry the options' own names
-    return load_data(getattr(config, data), **{name: getattr(config, name) for name in options})
 
 
 @contextmanager
@@ -59,53 +48,10 @@ def accounted(config: TrainConfig, record: RunRecord, ranks: Ranks) -> Iterator[
 
 
 def train_run(config: TrainConfig, record: RunRecord, ranks: Ranks, build_model: BuildModel | None = None,
-              splits: DataSplits | None = None) -> None:
+              splits: DataSplits | None = None, outcome: Outcome | None = None) -> None:
     """Train one run record on these ranks, accounted: the config's model, or `build_model`'s."""
     with accounted(config, record, ranks) as accounting:
-        Trainer(config, record, ranks, accounting, build_model=build_model, splits=splits).fit()
-
-
-def write_environment(config: TrainConfig, record: RunRecord, ranks: Ranks) -> None:
-    """The one writer of environment.json (collective: every rank calls it; rank 0 writes): the ranks, their
-    hosts, threads, device, backend and speed options of a run record."""
-    hosts = world.gather_hosts(ranks)
-    if ranks.is_main:
-        record.write_environment(describe_environment(
-            ranks.world_size, ranks.local_world_size, torch.get_num_threads(), str(ranks.device),
-            ranks.backend or "none") | {"hosts": hosts} | speed_options(config, ranks))
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
-    groups = [{"params": decay, "weight_decay": config.resolved_weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # On a GPU the fused update is one kernel for all parameters, and with fp16 it reads the scaler's
-    # overflow flag on the device (no host sync per step); on the CPU the default (foreach) update.
-    fused = {"fused": True} if device_type == "cuda" else {}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.resolved_lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, **fused)
-    return torch.optim.AdamW(groups, lr=config.resolved_lr, **fused)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "onecycle" and total >= 3:
-        # a warm-up of at least two steps: torch's OneCycleLR divides by zero when it would last one (4 steps)
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.resolved_lr, total_steps=total,
-                                                   pct_start=max(0.25, 2 / total))
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-
-
-def data_parallel(model: nn.Module, config: TrainConfig, ranks: Ranks) -> DistributedDataParallel:
-    """The model wrapped in DDP, one device per rank. --bucket-cap-mb is passed only when given: DDP's own
-    default is not "25" but 25 MB with a smaller 1 MB first bucket, which an explicit size would replace."""
-    ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-    buckets = {} if config.bucket_cap_mb is None else {"bucket_cap_mb": config.bucket_cap_mb}
-    return DistributedDataParallel(model, device_ids=ids, **buckets)
+        Trainer(config, record, ranks, accounting, build_model=build_model, splits=splits, outcome=outcome).fit()
 
 
 def seed_for(config: TrainConfig, epoch: int, rank: int) -> int:
@@ -118,10 +64,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, record: RunRecord, ranks: Ranks, accounting: Accounting,
                  build_model: BuildModel | None = None, splits: DataSplits | None = None,
-                 summary_extra: SummaryExtra | None = None):
+                 outcome: Outcome | None = None):
         """`build_model(splits) -> nn.Module` replaces the config's model (a local CNN, a CNN-DNN): any
-        network that takes whole images trains through the same loop. `summary_extra(model, summary)`: what a
-        strategy adds to the run's summary. `splits`: the data when the strategy has loaded it already."""
+        network that takes whole images trains through the same loop. `splits`: the data when the strategy has
+        loaded it already. `outcome`: what the run keeps of its epochs and leaves at its end (OneModel's)."""
         self.config, self.record, self.ranks, self.accounting = config, record, ranks, accounting
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         splits = self.splits = splits if splits is not None else load_splits(config)
@@ -131,7 +77,8 @@ class Trainer:
         self.memory_format = speed.torch_format(self.layout)
         self.model = model.to(ranks.device, memory_format=self.memory_format)
         self.precision = speed.Precision(config.precision, ranks.device)
-        self.summary_extra = summary_extra
+        self.outcome = outcome if outcome is not None else OneModel(config)
+        self.criterion = self.outcome.criterion
         self.params = count_params(self.model)
         self.flops_per_image = train_flops_per_image(self.model, splits.channels, splits.image_size)
         self.inputs = TrainInputs(splits, config, ranks, self.memory_format)
@@ -139,7 +86,6 @@ class Trainer:
         self.steps_per_epoch = len(self.inputs)
         self.optimizer = build_optimizer(self.model, config, ranks.device.type)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.top5 = splits.num_classes > 5  # top-5 accuracy says something only with more than 5 classes
         self.state = RunState()
         self._resume()
@@ -176,49 +122,36 @@ class Trainer:
             say(f"restart {restart}: continuing after epoch {self.state.epoch}", self.ranks)
 
     def fit(self) -> None:
-        c, ranks, state = self.config, self.ranks, self.state
+        c, ranks, state, outcome = self.config, self.ranks, self.state, self.outcome
         write_environment(c, self.record, ranks)
-        self._compile()
-        say(loaded_line(self.splits, c.model, ranks.world_size, ranks.device.type), ranks)
-        table = EpochTable(ranks)
-        while state.epoch < c.epochs and not self._should_stop():
+        compile_warmup(self)
+        outcome.begin(self)
+        table = EpochTable(outcome.shown or ranks)
+        while state.epoch < c.epochs and not outcome.should_stop(self):
             epoch = state.epoch
             train_loss, images, seconds, diverged = self._train_epoch(epoch)
             accounting = self.accounting.end_epoch(epoch)
             eval_start = time.perf_counter()
-            val = self.scores(self.splits.val) if len(self.splits.val) and not diverged else {}
-            val_accuracy = val.get("accuracy")
+            figures = outcome.epoch_figures(self, train_loss, images, diverged)
             eval_seconds = time.perf_counter() - eval_start
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy,
-                   "val_loss": val.get("loss")} | ({"val_top5": val.get("top5")} if self.top5 else {}) | {
+            row = {"epoch": epoch + 1} | figures | {
                    "images_per_second": images / seconds, "train_seconds": seconds,
                    "eval_seconds": eval_seconds, "epoch_seconds": seconds + eval_seconds,
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "achieved_flops_per_s": self.flops_per_image * images / self.ranks.world_size / seconds,
+                   "achieved_flops_per_s": self.flops_per_image * images / ranks.world_size / seconds,
                    } | accounting
             state.count_epoch(row, images, seconds, diverged)
-            reached = state.note_target(c.target_accuracy, val_accuracy)
-            improved = state.note_validation(epoch + 1, val_accuracy)
-            self._save(improved)
-            table.row(row, improved)
-            if reached:
-                say(f"validation accuracy {val_accuracy:.4f} reached the target {c.target_accuracy} at epoch "
-                    f"{state.epoch} ({state.wall_seconds:.1f} s, {state.images_seen:,} images)", ranks)
-        self._finish()
-
-    def _compile(self) -> None:
-        compile_warmup(self)
+            improved, news = outcome.note(self, row)
+            outcome.save(self, improved)
+            table.row(row, bool(improved))
+            if news:
+                say(news, ranks)
+        outcome.finish(self)
 
     def step_begin(self) -> None:
         """reduce-overhead: a new step begins, so the CUDA graphs may reuse the last step's output memory."""
         if self.config.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-
-    def _should_stop(self) -> bool:
-        if self.state.diverged or (self.config.stop_at_target and self.state.target is not None):
-            return True
-        patience = self.config.patience
-        return patience is not None and self.state.stale_epochs >= patience
 
     def _train_epoch(self, epoch: int) -> tuple[float, int, float, dict | None]:
         """Train one epoch; returns (mean loss over all ranks, images over all ranks, wall seconds, diverged_at: where
@@ -302,50 +235,13 @@ class Trainer:
             return {"accuracy": math.nan, "top5": None, "loss": None}
         return {"accuracy": correct / total, "top5": top5 / total if self.top5 else None, "loss": loss / total}
 
-    def _save(self, improved: bool) -> None:
-        """Rank 0 writes the epoch's checkpoint, the best weights and epochs.csv, each atomically."""
-        if not self.ranks.is_main:
-            return
-        if improved:
-            save_checkpoint(self.record.path(BEST), {"model": self.model.state_dict(), "epoch": self.state.epoch})
-        self._save_checkpoint()
-        self.record.write_epochs(self.state.history)
-        if self.accounting.events is not None:
-            self.accounting.events.epoch(self.state.history[-1])
-
-    def _save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         """What a resumed run or a torchrun restart continues from; weights that are not finite are no start."""
         if not self.state.diverged:
             save_checkpoint(self.record.path(CHECKPOINT), {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
                 "state": self.state.saved()})
-
-    def _finish(self) -> None:
-        """Score the best weights on the test set once, and write the summary (last: it marks the run done). A run
-        that diverged is scored on nothing: its summary says where, then every rank raises TrainingDiverged."""
-        state, diverged = self.state, self.state.diverged
-        test_accuracy = shift_images = shift_clean = shift_accuracy = shift_seconds = None
-        if not diverged:
-            weights = "the last weights"
-            if state.best_epoch is not None:
-                best = load_checkpoint(self.record.path(BEST), self.ranks)
-                self.model.load_state_dict(best["model"])
-                weights = f"the best weights (epoch {state.best_epoch})"
-            say(f"evaluating {weights} on {len(self.splits.test):,} test images"
-                + (f" and shifted copies ({self.config.eval_shift})" if self.config.eval_shift else ""), self.ranks)
-            test_accuracy = self.evaluate(self.splits.test)
-            shift_start = time.perf_counter()
-            shift_images, shift_clean, shift_accuracy = evaluate_shifts(self)
-            shift_seconds = time.perf_counter() - shift_start if shift_accuracy is not None else None
-        summary = run_summary(self, test_accuracy, shift_images, shift_clean, shift_accuracy, shift_seconds)
-        if self.ranks.is_main:
-            self.record.write_summary(summary)
-        if not diverged:
-            say(final_line(summary, self.record.dir), self.ranks)
-        world.barrier(self.ranks)
-        if diverged:
-            raise TrainingDiverged.at(diverged, self.config.resolved_lr, self.record.dir)
 
 
 def compile_warmup(trainer: Trainer) -> None:
