@@ -77,7 +77,8 @@ def analyze(source: str | Path | pd.DataFrame, factors: list[str] | None = None,
     supplies its own factors and responses; a CSV/Parquet file or a DataFrame needs both."""
     import pandas as pd
 
-    from distcnn.study.analysis import analyse_responses, load_source, require_names, study_responses
+    from distcnn.study.analysis import analyse_responses
+    from distcnn.study.analysis_command import load_source, require_names, study_responses
 
     if isinstance(source, pd.DataFrame):
         table, level_order = source, {}

@@ -90,7 +90,15 @@ def build_parser() -> Parser:
     from distcnn.cli_forecast import add_forecast_parser
 
     add_forecast_parser(commands, add_config_flags)
+    from distcnn.cli_study import add_study_parser
 
+    for add in (add_models_parser, add_study_parser, add_table_parsers, add_machine_parsers):
+        add(commands)
+    return parser
+
+
+def add_models_parser(commands) -> None:
+    """distcnn models."""
     models = commands.add_parser("models", help="list models with parameters and training FLOPs per image")
     models.add_argument("--filter", default=None, help="timm name pattern, e.g. 'resnet*' (default: a short list)")
     models.add_argument("--image-size", type=int, default=28)
@@ -100,37 +108,9 @@ def build_parser() -> Parser:
     models.add_argument("--flops", action="store_true",
                         help="with --filter, also count training FLOPs (builds and runs every model: slow)")
 
-    study = commands.add_parser("study", help="run a factorial study (without FILE: the built-in cost study)",
-                                description="Run every configuration × replicate of a study file; run it "
-                                            "again to resume. Without FILE: the built-in cost study.")
-    study.add_argument("file", nargs="?", default=None, metavar="FILE.toml")
-    study.add_argument("--out", default=None, help="study directory (default: runs/study-<name>)")
-    study.add_argument("--retries", type=int, default=1, help="re-runs of a failed run (default: 1)")
-    study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    study.add_argument("--status", action="store_true",
-                       help="show each run's state (and Slurm job id) and exit; runs nothing")
-    study.add_argument("--forecast", action="store_true",
-                       help="first forecast each configuration's cost (a short profile each), kept for the report "
-                            "to set beside what the runs measure; then run the study")
-    study.add_argument("--forecast-only", action="store_true", help="forecast, and run nothing")
-    study.add_argument("--link-profile", default=None, metavar="FILE",
-                       help="with --forecast: the link between nodes as distcnn forecast --calibrate measured it")
-    study.add_argument("--intra-profile", default=None, metavar="FILE",
-                       help="with --forecast: the link between the ranks of one machine (calibrated there)")
-    study.add_argument("--executor", choices=("local", "slurm"), default=None,
-                       help="local: runs on this machine (default); slurm: each run a Slurm job via submitit "
-                            "(overrides [study] executor)")
-    study.add_argument("--parallel", type=int, default=None, metavar="N",
-                       help="local: N runs at once, on disjoint GPUs or cores (default 1)")
-    slurm = study.add_argument_group("Slurm (--executor slurm; override the study file's [slurm] table)")
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--time", default=None, help="time limit per run: minutes or HH:MM:SS (default 60 min)")
-    slurm.add_argument("--gpus-per-node", type=int, default=None)
-    slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node (one task per node)")
-    slurm.add_argument("--account", default=None)
-    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION=VALUE",
-                       help="any other sbatch option, e.g. --sbatch qos=high (repeatable)")
 
+def add_table_parsers(commands) -> None:
+    """distcnn analyze, export and report: what a study's table says."""
     analyze = commands.add_parser("analyze", help="allocation of variation / ANOVA of a study or a CSV table",
                                   description="Which factor explains how much of each response: 2^k r "
                                               "allocation of variation, or ANOVA for more levels.")
@@ -158,6 +138,9 @@ def build_parser() -> Parser:
     report = commands.add_parser("report", help="write a study's report (report.html and report.md)")
     report.add_argument("study_dir", metavar="STUDY_DIR", help="a study directory (with study.db)")
 
+
+def add_machine_parsers(commands) -> None:
+    """distcnn datasets, cluster and show: what this machine has, and a run's record."""
     commands.add_parser("datasets", help="list the dataset kinds and whether Fashion-MNIST is installed")
 
     cluster = commands.add_parser("cluster", help="emulated hosts on this machine (network namespaces; root)",
@@ -176,7 +159,6 @@ def build_parser() -> Parser:
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (finished or not)")
     show.add_argument("--png", default=None, metavar="PATH", help="where to draw (default: RUN_DIR/telemetry.png)")
     show.add_argument("--no-plot", action="store_true", help="print the table only")
-    return parser
 
 
 def command_train(options: dict) -> int:
@@ -216,79 +198,6 @@ def command_models(args: argparse.Namespace) -> int:
             line += f"  {row['error']}"
         console.print(line, soft_wrap=True)
     return 0
-
-
-def command_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from distcnn.study.runner import run_study
-    from distcnn.study.spec import load_spec
-
-    if args.parallel is not None and args.parallel < 1:
-        raise UsageError(f"--parallel must be 1 or more, got {args.parallel}")
-    spec = load_spec(args.file, execution_options(args))
-    out = Path(args.out or f"runs/study-{spec.name}")
-    if args.status:
-        from distcnn.study.runner import status_lines
-
-        print("\n".join(status_lines(out)))
-        return 0
-
-    def forecast_first(spec, out) -> bool:
-        from distcnn.study.forecast import forecast_study
-
-        forecast_study(spec, out, args.link_profile, args.intra_profile)
-        return args.forecast_only
-
-    runs = run_study(spec, out, args.retries, forecast_first if args.forecast or args.forecast_only else None)
-    if runs is None:  # --forecast-only
-        return 0
-    done = sum(run["status"] == "done" for run in runs)
-    failed = [run for run in runs if run["status"] == "failed"]
-    print(f"study {spec.name}: {done}/{len(runs)} runs done" + (f", {len(failed)} failed" if failed else "")
-          + f" — {out / 'study.db'}")
-    for run in failed:
-        print(f"  failed {run['run_id']}: {run['error']}")
-    if done >= 2:
-        print_study_analysis(out, spec)
-    if not args.no_report and done:
-        from distcnn.study.report import write_report
-
-        html, _ = write_report(out)
-        print(f"report: {html}")
-    return 0 if not failed else 1
-
-
-def execution_options(args: argparse.Namespace) -> dict:
-    """What the study's flags set over its file's [study] executor/parallel and [slurm] table."""
-    slurm = {name: value for name in ("partition", "time", "gpus_per_node", "cpus_per_task", "account")
-             if (value := getattr(args, name)) is not None}
-    extra = {}
-    for option in args.sbatch:
-        name, equals, value = option.partition("=")
-        if not equals or not name:
-            raise UsageError(f"--sbatch {option!r}: give OPTION=VALUE, e.g. --sbatch qos=high")
-        extra[name.removeprefix("--")] = value
-    if extra:
-        slurm["sbatch"] = extra
-    return {"executor": args.executor, "parallel": args.parallel, "slurm": slurm}
-
-
-def print_study_analysis(out, spec) -> None:
-    """The allocation of variation of every response that has figures (a GPU figure on a CPU has none)."""
-    from distcnn.study.analysis import analyse_responses, load_source, print_result
-    from distcnn.study.store import option_name
-
-    table, order = load_source(out)
-    analyses = analyse_responses(table, [option_name(name) for name in spec.factors], spec.responses, order)
-    for result in analyses.results.values():
-        print_result(result, 0.05)
-    reasons = analyses.failed
-    if not analyses.results and len(set(reasons.values())) == 1:
-        print(f"no analysis: {next(iter(reasons.values()))}")
-    else:
-        for response, reason in reasons.items():
-            print(f"no analysis of {response}: {reason}")
 
 
 def command_cluster(args: argparse.Namespace) -> int:
@@ -350,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return command_forecast(args)
         if args.command == "study":
+            from distcnn.cli_study import command_study
+
             return command_study(args)
         if args.command == "analyze":
-            from distcnn.study.analysis import command_analyze
+            from distcnn.study.analysis_command import command_analyze
 
             return command_analyze(args)
         if args.command == "export":

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from distcnn.errors import UsageError
-from distcnn.study.analysis import analyze, load_source
+from distcnn.study.analysis import analyze
+from distcnn.study.analysis_command import load_source
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 TRUE_EFFECTS = {"mean": 10.0, "A": 3.0, "B": -2.0, "C": 0.5, "A:B": 1.5, "A:C": 0.0, "B:C": 0.0, "A:B:C": 0.0}
@@ -128,7 +129,7 @@ def test_without_replicates_f_and_p_are_unavailable_not_zero():
 
 
 def test_a_level_effect_is_printed_with_the_interval_of_that_deviation(capsys):
-    from distcnn.study.analysis import print_result
+    from distcnn.study.analysis_command import print_result
 
     rng = np.random.default_rng(7)
     table = pd.DataFrame([{"size": size, "y": {32: 1.0, 64: 2.0, 128: 4.0}[size] + rng.normal(0, 0.1)}
@@ -275,7 +276,7 @@ def test_cli_unknown_response_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_the_tables_name_every_term_and_configuration(tmp_path, capsys):
     from distcnn.cli import build_parser
-    from distcnn.study.analysis import command_analyze
+    from distcnn.study.analysis_command import command_analyze
 
     parser = build_parser()
     path = tmp_path / "runs.csv"

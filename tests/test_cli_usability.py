@@ -115,7 +115,7 @@ def test_a_study_response_without_numbers_is_skipped_not_fatal():
     """A GPU figure on a CPU has no numbers: the study's other responses are still analysed."""
     import pandas as pd
 
-    from distcnn.study.analysis import _study_analysis
+    from distcnn.study.analysis_command import _study_analysis
 
     table = pd.DataFrame({"a": [1, 1, 2, 2] * 2, "b": [1, 2, 1, 2] * 2, "y": [1.0, 2.0, 3.0, 4.5] * 2})
     table["y"] += [0, 0.1, 0, 0.2, 0.1, 0, 0.3, 0]

@@ -13,7 +13,7 @@ import torch.nn as nn
 from helpers import make_imagefolder, write_idx
 from PIL import Image
 
-from distcnn.data import DATA_KINDS, DataSplits, ImageSet, fashion_mnist, imagefolder, load_data
+from distcnn.data import DATA_KINDS, DataSplits, ImageSet, fashion_mnist, image_cache, load_data
 from distcnn.data.fashion_mnist import read_idx
 from distcnn.data.splits import class_quotas, stratified_split
 from distcnn.errors import UsageError
@@ -309,7 +309,7 @@ def test_imagefolder_cache_is_reused_not_redecoded(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("decoded again although the cache holds the images")
 
-    monkeypatch.setattr(imagefolder, "decode_image", no_decoding)
+    monkeypatch.setattr(image_cache, "decode_image", no_decoding)
     second = load_data(f"imagefolder:{root}", cache_dir=str(cache), split_seed=5)
     for a, b in ((first.train, second.train), (first.val, second.val), (first.test, second.test)):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

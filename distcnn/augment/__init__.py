@@ -2,7 +2,8 @@
 
 A policy (`Policy`, policies.py) is a sequence of slots of ops (`Op`, `Slot`: spec.py). One sampler,
 `sample_draws` (sampling.py), draws for every image and slot the op it applies and a few uniform numbers; the op
-kinds (ops.py) turn those numbers into parameters with code shared by both backends, which only *apply* them:
+kinds (ops.py: their base and the geometric ones; colour.py; kinds.py names them) turn those numbers into
+parameters with code shared by both backends, which only *apply* them:
 **batched** (`BatchedAugment`, batched.py, the default) on whole float batches on the training device, and
 **per-sample** (`PerSampleAugment`, per_sample.py) on one uint8 image at a time in DataLoader workers, through
 torchvision v2. `build_augment` picks one for a run; MixUp and CutMix (`build_batch_mix`, mix.py) mix batches.
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 from distcnn.augment.batched import BatchedAugment
 from distcnn.augment.mix import BatchMix, build_batch_mix
-from distcnn.augment.ops import KINDS, Affine, Kind, strength
+from distcnn.augment.kinds import KINDS
+from distcnn.augment.ops import Affine, Kind, strength
 from distcnn.augment.per_sample import PerSampleAugment
 from distcnn.augment.policies import POLICIES, Policy, get_policy, register_policy
 from distcnn.augment.sampling import Draws, sample_draws

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distcnn.augment.ops import KINDS, Affine, _mul
+from distcnn.augment.kinds import KINDS
+from distcnn.augment.ops import Affine, _mul
 from distcnn.augment.policies import Policy
 from distcnn.augment.sampling import Draws, _Group, _plan, _resolve, sample_draws
 

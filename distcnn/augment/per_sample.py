@@ -13,7 +13,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from distcnn.augment.ops import KINDS, Affine, Entry, Kind
+from distcnn.augment.kinds import KINDS
+from distcnn.augment.ops import Affine, Entry, Kind
 from distcnn.augment.policies import Policy
 from distcnn.augment.sampling import Draws, _plan, _resolve, sample_draws
 

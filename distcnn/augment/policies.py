@@ -25,7 +25,7 @@ Decisions (each also stated where it is implemented):
   MixUp and CutMix keep their own alphas.
 
 Policy sits here rather than beside Op and Slot in spec.py: scaling and channel selection ask each op's kind
-(distcnn.augment.ops.KINDS), and the kinds are written in terms of Op.
+(distcnn.augment.kinds.KINDS), and the kinds are written in terms of Op.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from distcnn.augment.ops import KINDS
+from distcnn.augment.kinds import KINDS
 from distcnn.augment.spec import Op, Slot, choose, each
 from distcnn.errors import UsageError, unknown
 

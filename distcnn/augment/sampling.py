@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from distcnn.augment.ops import _UNIFORMS, KINDS
+from distcnn.augment.kinds import KINDS
+from distcnn.augment.ops import _UNIFORMS
 from distcnn.augment.policies import Policy, get_policy
 from distcnn.augment.spec import Slot
 from distcnn.errors import UsageError

@@ -269,11 +269,45 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
         "predicted_step_seconds_at_1": predicted(1.0)})
 
 
+def calibrate_rate(config, request: Request, folder: Path, rate: float | None, latency: float | None,
+                   world: int):
+    """One --bandwidth of a calibration: allreduce timed over DDP buckets of 4 KiB up to about half a second's
+    worth, fitted to α and the effective bandwidth. (what the ranks measured, its Calibrated entry)"""
+    from distcnn.forecast.link import Calibrated, fit
+    from distcnn.parallel import emulated, torchrun
+    from distcnn.record import RunRecord, write_json
+
+    ring = 2 * (world - 1) / world
+    # the largest size takes about half a second, and is at least 1 MiB: far above a tbf cap's burst
+    budget = (rate / 8 if rate else 2e9) * 0.5 / ring
+    max_bytes = int(min(64 * 2**20, max(2**20, budget)))
+    emulated_cluster = config.cluster == "emulated"
+    run_config = config.model_copy(update={
+        "bandwidth": (links.format_rate(rate) if rate else "none") if emulated_cluster else None,
+        "delay": request.latency if emulated_cluster else None})
+    (folder / "calibration.json").unlink(missing_ok=True)
+    RunRecord(folder).write_config(run_config.recorded | {"out": str(folder)})
+    write_json(folder / "request.json", {"max_bytes": max_bytes, "repeats": 3})
+    say(f"calibrating {links.format_rate(rate)}" + (f" +{request.latency}" if request.latency else "")
+        + f": DDP buckets of 4 KiB to {max_bytes / 2**20:.2f} MiB over {world} ranks")
+    worker = "distcnn.forecast.calibrate_worker"
+    if emulated_cluster:
+        emulated.launch_emulated(run_config, folder, worker=worker)
+    else:
+        torchrun.launch(run_config, folder, worker=worker)
+    measured = json.loads((folder / "calibration.json").read_text())
+    alpha, effective = fit(measured["points"], world)
+    share = f", {effective * 8 / rate:.0%} of the rate" if rate else ""
+    say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share}, compute slowdown "
+        f"{measured['slowdown_s_per_byte'] * 1e9:.3f} ns per byte sent")
+    return measured, Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,
+                                measured["points"], measured["powersgd_bucket_s"])
+
+
 def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     """Time allreduce on the cluster the options describe, at each --bandwidth (emulated caps), and write the
     fitted link profile to `out`."""
-    from distcnn.parallel import emulated, torchrun
-    from distcnn.forecast.link import Calibrated, LinkProfile, fit
+    from distcnn.forecast.link import LinkProfile
 
     config = make_config(options)
     rates = helpers.parse_rates(request.bandwidth) if config.cluster == "emulated" else [None]
@@ -291,34 +325,9 @@ def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     folder = Path(tempfile.mkdtemp(prefix="distcnn-calibrate-"))
     try:
         for rate in rates:
-            ring = 2 * (world - 1) / world
-            # the largest size takes about half a second, and is at least 1 MiB: far above a tbf cap's burst
-            budget = (rate / 8 if rate else 2e9) * 0.5 / ring
-            max_bytes = int(min(64 * 2**20, max(2**20, budget)))
-            run_config = config.model_copy(update={
-                "bandwidth": links.format_rate(rate) if config.cluster == "emulated" and rate else (
-                    "none" if config.cluster == "emulated" else None),
-                "delay": request.latency if config.cluster == "emulated" else None})
-            (folder / "calibration.json").unlink(missing_ok=True)
-            from distcnn.record import RunRecord, write_json
-
-            RunRecord(folder).write_config(run_config.recorded | {"out": str(folder)})
-            write_json(folder / "request.json", {"max_bytes": max_bytes, "repeats": 3})
-            say(f"calibrating {links.format_rate(rate)}" + (f" +{request.latency}" if request.latency else "")
-                + f": DDP buckets of 4 KiB to {max_bytes / 2**20:.2f} MiB over {world} ranks")
-            worker = "distcnn.forecast.calibrate_worker"
-            if config.cluster == "emulated":
-                emulated.launch_emulated(run_config, folder, worker=worker)
-            else:
-                torchrun.launch(run_config, folder, worker=worker)
-            measured = json.loads((folder / "calibration.json").read_text())
-            alpha, effective = fit(measured["points"], world)
-            entries.append(Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,
-                                      measured["points"], measured["powersgd_bucket_s"]))
+            measured, entry = calibrate_rate(config, request, folder, rate, latency, world)
+            entries.append(entry)
             hosts = sorted(set(measured["hosts"]))
-            share = f", {effective * 8 / rate:.0%} of the rate" if rate else ""
-            say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share}, compute slowdown "
-                f"{measured['slowdown_s_per_byte'] * 1e9:.3f} ns per byte sent")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     entries = refit(entries, world)
