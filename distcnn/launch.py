@@ -17,6 +17,7 @@ import torch
 
 from distcnn import ownership, shifts, speed
 from distcnn.augment import build_augment, build_batch_mix
+from distcnn.checkpoint import read_checkpoint
 from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
 from distcnn.data import DataSplits
@@ -24,7 +25,7 @@ from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, Workers
 from distcnn.models import check_input_size, create_model
 from distcnn.ownership import DirectoryLock, filesystem_problem
 from distcnn.parallel import checks, emulated, torchrun, world
-from distcnn.record import RunRecord
+from distcnn.record import CHECKPOINT, RunRecord
 from distcnn.strategies import get_strategy
 from distcnn.trainer import DATA_OPTIONS, load_splits
 
@@ -173,6 +174,8 @@ def run(config: TrainConfig) -> dict | None:
         if record.finished:
             say(f"{record.dir} is already finished; nothing to do")
             return finished_summary(config, record)
+        if record.has_checkpoint:  # a damaged one is found (or replaced by the one before it) before any rank
+            read_checkpoint(record.path(CHECKPOINT))
         try:
             if config.cluster == "emulated":
                 emulated.launch_emulated(config, record.dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from distcnn.errors import UsageError
 from distcnn.record import host_name
+from distcnn.units import human_bytes
 
 LOCK_FILE = ".lock"
 PARENT_ENV = "DISTCNN_PARENT_PID"  # the pid a rank (or a node agent) must die with
@@ -36,6 +37,10 @@ def filesystem_problem(error: OSError, what: str) -> UsageError:
                errno.ENOTDIR: "a part of the path is a file, not a folder",
                errno.EDQUOT: "the disk quota is exceeded"}
     reason = reasons.get(error.errno, error.strerror or str(error))
+    needed = getattr(error, "needed", None)  # record.NoSpace: what the file needed, and what was free
+    if needed is not None:
+        free = getattr(error, "free", None)
+        reason += f" (it needs {human_bytes(needed)}" + (f", {human_bytes(free)} free" if free is not None else "") + ")"
     return UsageError(f"{what} {where}: {reason}" if where else f"{what}: {reason}")
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -64,9 +65,26 @@ def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False)
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run record is meant to be read by others
         os.replace(tmp, path)
+    except OSError as error:  # (a full disk, a quota): named by the file it was for, not the temporary one
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename is None or error.filename == tmp:
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NoSpace(OSError):
+    """A file that did not fit on its disk: the bytes it needed and the bytes that were free."""
+
+    def __init__(self, error: OSError, needed: int):
+        super().__init__(error.errno, error.strerror, error.filename)
+        self.needed = needed
+        try:
+            self.free: int | None = shutil.disk_usage(Path(error.filename).parent).free
+        except OSError:
+            self.free = None
 
 
 def write_json(path: Path, data: dict) -> None:

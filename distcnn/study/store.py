@@ -86,12 +86,16 @@ class StudyStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions below
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        for column in ("owner", "job_id", "job_state", "placement"):  # a study.db written before they existed
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+            for column in ("owner", "job_id", "job_state", "placement"):  # a study.db written before they existed
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+        except sqlite3.DatabaseError as error:  # not a database, or one cut short or overwritten
+            self.db.close()
+            raise damaged_database(self.path, error) from None
 
     def close(self) -> None:
         self.db.close()
@@ -202,6 +206,14 @@ def run_directory(study_dir: str | Path, run_id: str, recorded: str | None) -> P
 def runs_alongside(run: dict) -> int:
     """How many other runs shared the machine with this one (--parallel); 0: it ran alone."""
     return len((run.get("placement") or {}).get("alongside", []))
+
+
+def damaged_database(path: Path, error: sqlite3.DatabaseError) -> UsageError:
+    """A study.db that cannot be read, as one line: what it is, and what to do. Each finished run's own
+    record (its summary.json) is not in study.db, so moving the file away loses no training: run the study
+    again and the runs it planned are found finished in their directories."""
+    return UsageError(f"{path} is damaged ({error}); move it away (e.g. to {path.name}.damaged) and run the "
+                      f"study again: its finished runs keep their records and are not trained again")
 
 
 def open_study(study_dir: str | Path) -> StudyStore:
