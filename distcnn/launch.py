@@ -60,6 +60,7 @@ def validate(config: TrainConfig, splits: DataSplits | None = None, on_this_mach
     get_strategy(config.strategy).validate(config, splits)
     if on_this_machine:
         checks.check_ranks(config)  # cores and memory for the ranks (--oversubscribe: start them anyway)
+        checks.check_endpoint(config)  # a rendezvous port another program took would wait without end
     job_ranks = config.nproc_per_node * config.nnodes
     if len(splits.train) < 2 * job_ranks:
         raise UsageError(f"{len(splits.train)} training images are too few for {job_ranks} ranks (need 2 per rank)")

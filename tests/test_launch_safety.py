@@ -206,3 +206,35 @@ def test_a_rank_killed_without_restarts_is_named_with_its_signal_and_the_way_to_
     assert f"distcnn train --out {out} --resume" in lines[0], output
     assert "Traceback" not in output.split(lines[0])[1], output
     assert Path(out, "checkpoint.pt").exists(), "the run continues from its checkpoint"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rendezvous_port_another_program_listens_on_is_one_line_before_launch(tmp_path, capsys):
+    port = free_port()
+    listener = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                                 f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(120)"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "up"
+        out = tmp_path / "run"
+        line = usage_error(capsys, "train", *TWO_RANKS, "--rdzv-endpoint", f"127.0.0.1:{port}", "--out", out)
+        assert f"port {port} is already taken" in line and f"pid {listener.pid}" in line and "free port" in line
+        assert not out.exists(), "refused before anything was written"
+    finally:
+        listener.kill()
+        listener.wait()
+    config = make_config({"nproc_per_node": 2, "rdzv_endpoint": f"127.0.0.1:{port}"})
+    checks.check_endpoint(config)  # free again: nothing to say
+
+
+def test_a_rendezvous_that_distcnn_or_torchrun_hosts_is_joined_not_refused():
+    assert addresses.is_rendezvous(["/opt/distcnn/.venv/bin/python", "-m", "distcnn", "train"])
+    assert addresses.is_rendezvous(["python", "-m", "distcnn.node_agent", "run"])
+    assert addresses.is_rendezvous(["/usr/bin/torchrun", "--nnodes", "2"])
+    assert not addresses.is_rendezvous(["/opt/distcnn/.venv/bin/python", "-c", "serve()"]), "the path is no name"
+    assert not addresses.is_rendezvous(["nginx", "-g", "daemon off;"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -89,3 +90,43 @@ def own_addresses_only(one_machine: bool):
                 del os.environ[name]
             else:
                 os.environ[name] = value
+
+
+def endpoint_holder(host: str, port: int) -> str | None:
+    """Who already listens on `host:port` of this machine, where it is not a rendezvous: "pid N (name)".
+    None when the port is free, when the address is not this machine's (it cannot be checked from here), when
+    the listener is distcnn or torchrun (another machine of the same job, started on this one), or when the
+    listener cannot be seen (another user's process, without root): then the rendezvous timeout names it."""
+    address = resolved(host, multi_node=False)
+    if address is None:
+        return None
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+        try:
+            probe.bind((address, port))
+            return None
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:  # not an address of this machine, or not ours to bind
+                return None
+    import psutil
+
+    try:
+        pids = {c.pid for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+        listeners = [psutil.Process(pid) for pid in sorted(pids)]
+        if not listeners or any(is_rendezvous(listener.cmdline()) for listener in listeners):
+            return None
+        return ", ".join(f"pid {listener.pid} ({listener.name()})" for listener in listeners)
+    except (psutil.Error, OSError):
+        return None
+
+
+def is_rendezvous(cmdline: list[str]) -> bool:
+    """A process that hosts a torchrun rendezvous store: distcnn (`distcnn ...`, `python -m distcnn...`) or
+    torchrun (`torchrun`, `python -m torch.distributed.run`). Read by its arguments, not by where it lives."""
+    for word in cmdline:
+        name = os.path.basename(word)
+        if name in ("distcnn", "torchrun") or word.startswith("distcnn.") or word.startswith("torch.distributed."):
+            return True
+    return False

@@ -55,3 +55,18 @@ def check_ranks(config: TrainConfig) -> None:
         raise UsageError(f"{ranks} ranks need at least {ranks * RANK_MEMORY / 2**30:.1f} GiB (an estimate: "
                          f"{RANK_MEMORY / 2**30:.2f} GiB per rank before its model and data) but this machine has "
                          f"{available / 2**30:.1f} GiB available; {way_out(max(1, available // RANK_MEMORY))}")
+
+
+def check_endpoint(config: TrainConfig) -> None:
+    """An --rdzv-endpoint on this machine whose port another program listens on would leave the launch waiting
+    without end (a store client never gets its answer): refused before launch, naming the program. An
+    endpoint on another machine is that machine's to host; the rendezvous timeout names it if it never answers."""
+    if not config.rdzv_endpoint or config.cluster == "emulated":
+        return
+    from distcnn.parallel.addresses import endpoint_holder
+
+    host, _, port = config.rdzv_endpoint.rpartition(":")
+    holder = endpoint_holder(host.strip("[]"), int(port))
+    if holder is not None:
+        raise UsageError(f"--rdzv-endpoint {config.rdzv_endpoint}: port {port} is already taken on this machine by "
+                         f"{holder}, which is no rendezvous; choose a free port, or stop that program")
