@@ -208,12 +208,6 @@ def test_a_rank_killed_without_restarts_is_named_with_its_signal_and_the_way_to_
     assert Path(out, "checkpoint.pt").exists(), "the run continues from its checkpoint"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_rendezvous_port_another_program_listens_on_is_one_line_before_launch(tmp_path, capsys):
     port = free_port()
     listener = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "
