@@ -111,6 +111,9 @@ class TrainConfig(BaseModel):
     rdzv_backend: Literal["c10d", "static"] = Field("c10d", description="torchrun rendezvous backend")
     rdzv_id: str = Field("distcnn", description="rendezvous id shared by all machines of one job")
     max_restarts: int = Field(0, ge=0, description="torchrun restarts of the workers after a failure")
+    collective_timeout: float | None = Field(
+        None, gt=0, description="seconds a rank waits in a collective for the others before the run ends naming "
+        "the rank that stopped (default: 600 until the first epoch ends, then 10x the slowest epoch, at least 120)")
     threads: int | None = Field(None, ge=1, description="threads per rank (default: cores / ranks on this machine)")
     oversubscribe: bool = Field(False, description="start more ranks than this machine has cores (CPU), which "
                                 "is otherwise refused")

@@ -32,6 +32,12 @@ class RunInterrupted(Exception):
     exit_code = 1
 
 
+class CollectiveTimeout(RunInterrupted):
+    """A rank waited its whole --collective-timeout in a collective: another rank stopped making progress (it
+    hangs, is stopped, or its host is unreachable). The rank that saw it writes the line for the launcher
+    (record STALLED) and ends; torchrun then restarts the workers (--max-restarts) or the run ends with it."""
+
+
 class WorkersFailed(Exception):
     """torchrun's workers failed; `exit_code` is the first failed rank's (2: a user mistake it already printed)."""
 

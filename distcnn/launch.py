@@ -21,16 +21,17 @@ from distcnn.checkpoint import read_checkpoint
 from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
 from distcnn.data import DataSplits
-from distcnn.errors import RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
+from distcnn.errors import CollectiveTimeout, RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
 from distcnn.models import check_input_size, create_model
 from distcnn.ownership import DirectoryLock, filesystem_problem
 from distcnn.parallel import checks, emulated, torchrun, world
-from distcnn.record import CHECKPOINT, RunRecord
+from distcnn.record import CHECKPOINT, STALLED, RunRecord, write_atomic
 from distcnn.strategies import get_strategy
 from distcnn.trainer import DATA_OPTIONS, load_splits
 
 # Options that may differ when a run is resumed: how it runs, not what it computes.
-RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "rdzv_endpoint",
+RESUMABLE_DIFFERENCES = {"resume", "out", "threads", "workers", "device", "max_restarts", "collective_timeout",
+                         "rdzv_endpoint",
                          "rdzv_backend", "rdzv_id", "node_rank", "telemetry", "sample_interval", "cluster", "oversubscribe",
                          "bandwidth", "delay", "prepare_only", "tensorboard"}
 
@@ -213,5 +214,26 @@ def train(config: TrainConfig, run_dir: Path) -> None:
     ranks = world.setup(config)
     try:
         get_strategy(config.strategy).run(config, RunRecord(run_dir), ranks)
+    except RuntimeError as error:
+        if not (ranks.distributed and world.is_timeout(error)):
+            raise
+        raise stalled(config, RunRecord(run_dir), ranks) from None
     finally:
         world.teardown(ranks)
+
+
+def stalled(config: TrainConfig, record: RunRecord, ranks) -> CollectiveTimeout:
+    """This rank's collective timed out: name the ranks that stopped making progress, in the line the launcher
+    prints (record STALLED), and how the run goes on."""
+    stopped = world.stopped_ranks(ranks)
+    waited = f"{config.collective_timeout:g} s (--collective-timeout)" if config.collective_timeout else \
+        "its collective timeout (--collective-timeout; default: 10x the slowest epoch, at least 120 s)"
+    who = ", ".join(f"rank {rank} (host {where.split(' ')[0]}, pid {where.partition(' ')[2]})"
+                    for rank, where in stopped.items()) or "another rank"
+    line = (f"{who} stopped making progress: rank {ranks.rank} waited {waited} for it in a collective; continue "
+            f"the run with `distcnn train --out {record.dir} --resume` (--max-restarts N restarts it by itself)")
+    try:
+        write_atomic(record.path(STALLED), lambda handle: handle.write(line))
+    except OSError:
+        pass  # the launcher then names the failure by exit codes
+    return CollectiveTimeout(line)

@@ -10,6 +10,7 @@ Layout of a run directory:
     telemetry/        rank{R}.csv: each rank's resource time series
     gradients.json    telemetry on: when each gradient was ready in one timed backward pass of rank 0, and its
                       bytes (what DDP's buckets are made of); rewritten by each process that trains
+    stalled.txt       a rank's collective timed out: which rank stopped making progress (the launcher prints it)
     summary.json      written last, once: its presence means the run finished (its fields: distcnn.summary)
 
 The study runner, the analysis, the report and `distcnn show` read runs only through this module.
@@ -40,6 +41,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
 GRADIENTS = "gradients.json"
+STALLED = "stalled.txt"  # the line a rank whose collective timed out leaves for the launcher
 TELEMETRY = "telemetry"
 TEXT_COLUMNS = {"phase", "host"}  # the series' columns that are not numbers
 

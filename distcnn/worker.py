@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from distcnn import ownership
 from distcnn.config import TrainConfig, describe_validation_error
-from distcnn.errors import TrainingDiverged, UsageError
+from distcnn.errors import CollectiveTimeout, TrainingDiverged, UsageError
 from distcnn.launch import train
 from distcnn.record import CONFIG, RunRecord
 
@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
         return UsageError.exit_code
     except TrainingDiverged:  # recorded in the summary, which the launcher reads and reports once
         return 0
+    except CollectiveTimeout:  # its line is in the run record (STALLED), which the launcher prints once
+        return 1
     except OSError as error:  # a full disk, a folder made read-only: the run resumes from its last checkpoint
         print(f"distcnn: error: {ownership.filesystem_problem(error, 'a rank stopped on a file-system error at')}",
               file=sys.stderr)

@@ -208,6 +208,36 @@ def test_a_rank_killed_without_restarts_is_named_with_its_signal_and_the_way_to_
     assert Path(out, "checkpoint.pt").exists(), "the run continues from its checkpoint"
 
 
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_within_the_collective_timeout_and_ended(tmp_path):
+    out = tmp_path / "stopped"
+    job = start("--data", "synthetic:n=2400", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
+                "--collective-timeout", "5", "--seed", "2", "--out", str(out))
+    victim = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # after the first epoch's checkpoint, stop rank 1 (it does not die)
+            epochs = out / "epochs.csv"
+            victim = next((p for p in family_of(psutil.Process(job.pid)) if rank_of(p) == 1), None)
+            if epochs.exists() and len(epochs.read_text().splitlines()) >= 2 and victim is not None:
+                victim.send_signal(signal.SIGSTOP)
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the run never reached its second epoch")
+        output, _ = job.communicate(timeout=120)  # torch's default would wait 30 minutes
+    finally:
+        if job.poll() is None:
+            job.kill()
+    lines = [line for line in output.splitlines() if line.startswith("distcnn: error:")]
+    assert job.returncode == 1 and len(lines) == 1, output
+    assert f"rank 1 (host {socket.gethostname()}, pid {victim.pid}) stopped making progress" in lines[0], output
+    assert "waited 5 s (--collective-timeout)" in lines[0] and f"--out {out} --resume" in lines[0], output
+    assert "Traceback" not in output, output
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE, "the stopped rank ended"
+    assert Path(out, "checkpoint.pt").exists() and not Path(out, "stalled.txt").exists()
+
+
 def test_a_rendezvous_port_another_program_listens_on_is_one_line_before_launch(tmp_path, capsys):
     port = free_port()
     listener = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "

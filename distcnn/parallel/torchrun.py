@@ -13,6 +13,7 @@ from distcnn.config import TrainConfig
 from distcnn.errors import WorkersFailed
 from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address
 from distcnn.parallel.world import device_type
+from distcnn.record import STALLED
 
 
 def needs_torchrun(config: TrainConfig) -> bool:
@@ -57,10 +58,17 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     threads = config.threads_per_rank(config.nproc_per_node, gpu=device_type(config.device) == "cuda")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise set 1 and warn
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    stalled = Path(run_dir) / STALLED  # where a rank whose collective timed out names the rank that stopped
+    stalled.unlink(missing_ok=True)
     try:
         with own_addresses_only(one_machine=config.nnodes == 1):
             run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
+        stalled.unlink(missing_ok=True)  # (a restart went on after it: the summary lists the restart)
     except ChildFailedError as error:
+        if stalled.exists():
+            line = stalled.read_text(encoding="utf-8").strip()
+            stalled.unlink(missing_ok=True)
+            raise WorkersFailed(1, line) from None
         raise workers_failed(error.failures, run_dir) from None
 
 

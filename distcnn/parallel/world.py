@@ -4,6 +4,9 @@ collectives the loop needs (each a no-op for a single process)."""
 from __future__ import annotations
 
 import os
+import signal
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,12 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# --collective-timeout's default: what a rank waits in a collective for the others before the first epoch ends
+# (data decoded, the model compiled), then a multiple of the slowest epoch so far, with a floor (note_epoch)
+FIRST_TIMEOUT = 600.0
+EPOCH_MULTIPLE, TIMEOUT_FLOOR = 10.0, 120.0
+
+
 def setup(config: TrainConfig) -> Ranks:
     """Join the process group torchrun prepared (if any), pin the device and the threads of this rank."""
     launched = "WORLD_SIZE" in os.environ
@@ -40,12 +49,54 @@ def setup(config: TrainConfig) -> Ranks:
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = attempt_store(world_size)
         options = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        options["timeout"] = timedelta(seconds=config.collective_timeout or FIRST_TIMEOUT)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group(backend, device_id=device, **options)
         else:
             dist.init_process_group(backend, **options)
+        global _MEETING
+        _MEETING = store if store is not None else dist.distributed_c10d._get_default_store()
+        _MEETING.set(f"{PRESENT}{rank}", f"{host_name()} {os.getpid()}")  # who to name if it stops
     return Ranks(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+PRESENT, WAITED = "distcnn/rank/", "distcnn/waited/"  # store keys: each rank's host and pid; who timed out
+_MEETING = None  # the store this rank's process group met in (torchrun's, or the one env:// made)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A collective that waited its whole timeout for a peer (gloo: "Timed out waiting"; NCCL's watchdog)."""
+    text = str(error)
+    return "Timed out waiting" in text or "Watchdog caught collective operation timeout" in text
+
+
+def stopped_ranks(ranks: Ranks, grace: float = 1.0) -> dict[int, str]:
+    """After this rank's collective timed out: the ranks that stopped making progress (those that did not time
+    out too within `grace` seconds: they are not waiting, they are stuck), each as "host pid". A stopped rank on
+    this machine is ended (SIGKILL), so that torchrun need not wait for it to answer SIGTERM."""
+    store = _MEETING
+    store.set(f"{WAITED}{ranks.rank}", "1")
+    time.sleep(grace)
+    stopped = {}
+    for rank in range(ranks.world_size):
+        if rank != ranks.rank and not store.check([f"{WAITED}{rank}"]):
+            stopped[rank] = store.get(f"{PRESENT}{rank}").decode() if store.check([f"{PRESENT}{rank}"]) else "?"
+    for where in stopped.values():
+        host, _, pid = where.partition(" ")
+        if host == host_name() and pid.isdigit():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+    return stopped
+
+
+def note_epoch(config: TrainConfig, ranks: Ranks, slowest_epoch_seconds: float) -> None:
+    """After an epoch: unless --collective-timeout is given, a collective waits for the others at most
+    EPOCH_MULTIPLE x the slowest epoch so far, and at least TIMEOUT_FLOOR seconds."""
+    if ranks.distributed and config.collective_timeout is None:
+        dist.set_timeout(timedelta(seconds=max(TIMEOUT_FLOOR, EPOCH_MULTIPLE * slowest_epoch_seconds)))
 
 
 def attempt_store(world_size: int):

@@ -141,6 +141,7 @@ class Trainer:
                    "achieved_flops_per_s": self.flops_per_image * images / ranks.world_size / seconds,
                    } | accounting
             state.count_epoch(row, images, seconds, diverged)
+            world.note_epoch(c, ranks, max(past["epoch_seconds"] for past in state.history))
             improved, news = outcome.note(self, row)
             outcome.save(self, improved)
             table.row(row, bool(improved))
