@@ -262,3 +262,17 @@ def test_a_rendezvous_that_distcnn_or_torchrun_hosts_is_joined_not_refused():
     assert addresses.is_rendezvous(["/usr/bin/torchrun", "--nnodes", "2"])
     assert not addresses.is_rendezvous(["/opt/distcnn/.venv/bin/python", "-c", "serve()"]), "the path is no name"
     assert not addresses.is_rendezvous(["nginx", "-g", "daemon off;"])
+
+
+def test_a_rendezvous_endpoint_that_never_answers_is_one_line_naming_it(tmp_path, monkeypatch):
+    from distcnn.errors import RunInterrupted
+    from distcnn.ownership import PARENT_ENV
+
+    monkeypatch.setenv(PARENT_ENV, "1")  # (launch marks itself the ranks' parent; the test's env stays as it was)
+    config = make_config({"nnodes": 2, "rdzv_endpoint": "198.51.100.7:29500", "out": str(tmp_path / "run")})
+    start = time.monotonic()
+    with pytest.raises(RunInterrupted) as error:  # TEST-NET-2: nothing answers there
+        torchrun.launch(config, tmp_path / "run", rdzv_conf="read_timeout=3")
+    line = str(error.value)
+    assert "rendezvous at 198.51.100.7:29500 failed" in line and "could not be reached" in line and "\n" not in line
+    assert time.monotonic() - start < 60, "the read timeout it was given, not torch's 60 s default"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from distcnn import ownership
 from distcnn.config import TrainConfig
-from distcnn.errors import WorkersFailed
+from distcnn.errors import RunInterrupted, WorkersFailed
 from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address
 from distcnn.parallel.world import device_type
 from distcnn.record import STALLED
@@ -52,6 +52,7 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
            worker: str = WORKER) -> None:
     """Start the workers (module `worker`, given RUN_DIR) through torchrun's own launcher and wait for them."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     ownership.mark_parent()  # the ranks torchrun starts die with this process (not with whoever set it before)
@@ -64,12 +65,25 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
         with own_addresses_only(one_machine=config.nnodes == 1):
             run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
         stalled.unlink(missing_ok=True)  # (a restart went on after it: the summary lists the restart)
+    except RendezvousError as error:  # the endpoint never answered, or the other machines never joined
+        raise rendezvous_failed(config, error) from None
     except ChildFailedError as error:
         if stalled.exists():
             line = stalled.read_text(encoding="utf-8").strip()
             stalled.unlink(missing_ok=True)
             raise WorkersFailed(1, line) from None
         raise workers_failed(error.failures, run_dir) from None
+
+
+def rendezvous_failed(config: TrainConfig, error: Exception) -> RunInterrupted:
+    """A rendezvous that did not happen, as one line naming the endpoint: its store could not be reached, or
+    not every machine joined in time."""
+    endpoint = config.rdzv_endpoint or "this machine's own endpoint"
+    joined = type(error).__name__ == "RendezvousTimeoutError"
+    why = (f"not all {config.nnodes} machines joined in time" if joined
+           else "its store could not be reached (nothing answers there, or a firewall is in the way)")
+    return RunInterrupted(f"the rendezvous at {endpoint} failed: {why}; start the same command on every machine, "
+                          f"the one that has the endpoint's address first")
 
 
 def workers_failed(failures: dict, run_dir: Path) -> WorkersFailed:
