@@ -108,3 +108,36 @@ def test_a_cancelled_job_is_retried_then_recorded_failed(slurm_cluster, tmp_path
     assert run["status"] == "failed" and run["attempts"] == 2 and len(set(cancelled)) == 2
     assert f"Slurm job {cancelled[1]} CANCELLED" in run["error"], run["error"]
     assert "0/1 runs done, 1 failed" in output
+
+
+def test_a_study_killed_between_sbatch_and_recording_the_job_ids_finds_its_jobs_by_name(slurm_cluster, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """The window between sbatch and study.db's job ids: the study dies there (here: the recording raises the
+    KeyboardInterrupt a Ctrl-C would); started again, it finds the job array by the name recorded before sbatch
+    and attaches to it: nothing is submitted twice, every run is recorded once."""
+    from helpers import cli
+
+    from distcnn.study.store import StudyStore
+
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    spec_file = write_study(tmp_path, slurm_study(slurm_cluster))
+    out = tmp_path / "w"
+    recorded = StudyStore.set_jobs
+
+    def killed(self, jobs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StudyStore, "set_jobs", killed)
+    assert cli(capsys, "study", str(spec_file), "--out", str(out), "--no-report")[0] == 130
+    assert all(run["job_id"] is None and run["job_name"] for run in runs_in(out)), "sbatch ran, no id recorded"
+    monkeypatch.setattr(StudyStore, "set_jobs", recorded)
+    code, stdout, stderr = cli(capsys, "study", str(spec_file), "--out", str(out), "--no-report")
+    assert code == 0, stdout + stderr
+    assert stdout.count("found its Slurm job") == 4 and "submitted" not in stdout, stdout
+    runs = runs_in(out)
+    assert all(run["status"] == "done" and run["attempts"] == 1 for run in runs)
+    names = {run["job_name"].split("#")[0] for run in runs}  # the one submission's name, recorded before sbatch
+    listed = slurm_cluster.run("squeue", "--states=all", "--noheader", "--format=%F %j").stdout.splitlines()
+    arrays = {line.split()[0] for line in listed if line.split()[-1] in names}
+    assert len(names) == 1 and {run["job_id"].split("_")[0] for run in runs} == arrays, "one submission"

@@ -163,3 +163,20 @@ def log_tail(job, lines: int = 3) -> str:
 
 def folder(study_dir: Path) -> Path:
     return Path(study_dir) / "slurm"
+
+
+def job_named(name: str) -> str | None:
+    """The id of the job (an array's own id) Slurm knows by `name`, from the controller (squeue, finished jobs
+    included while it keeps them) or else the accounting (sacct); None when neither knows it."""
+    import subprocess
+
+    for command in (["squeue", "--states=all", "--noheader", "--name", name, "--format=%F"],
+                    ["sacct", "--noheader", "--parsable2", "-X", "--name", name, "--format=JobID"]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        ids = {line.strip().split("_")[0] for line in done.stdout.splitlines() if line.strip()}
+        if done.returncode == 0 and len(ids) == 1:
+            return ids.pop()
+    return None

@@ -5,13 +5,15 @@ last lines (retried up to --retries times, as a failed local run is).
 
 A study process that was killed and is started again re-attaches to the jobs it finds in study.db instead of
 submitting them again; the jobs ran on without it. A job submitted twice for one run (the study was killed in
-the moment between sbatch and recording its id) is refused by the run directory's lock, not trained twice.
+the moment between sbatch and recording its id) is found by the job name recorded before sbatch (each
+submission has its own) and attached, not submitted again.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from distcnn.console import say
@@ -33,6 +35,8 @@ class SlurmRuns:
 
     def run(self) -> None:
         while todo := self.runner.pending():
+            todo = self.found([run for run in todo if run["status"] == "running" and not run["job_id"]
+                               and run["job_name"]]) or todo
             self.attach([run for run in todo if run["status"] == "running" and run["job_id"]])
             self.submit([run for run in todo if not (run["status"] == "running" and run["job_id"])])
             while self.active:
@@ -53,6 +57,23 @@ class SlurmRuns:
             self.active[run["run_id"]] = {"run": run, "job": job, "since": time.perf_counter(),
                                           "state": run["job_state"]}
 
+    def found(self, runs: list[dict]) -> list[dict]:
+        """Runs a killed study process submitted without recording their job ids: looked up in Slurm by the
+        job name recorded before sbatch; those found get their ids (and are attached, not submitted again).
+        The runs pending now, read again ([] when there were none to look up)."""
+        jobs = {}
+        for run in runs:
+            name, _, task = run["job_name"].partition("#")
+            base = slurm.job_named(name)
+            if base is not None:
+                jobs[run["run_id"]] = f"{base}_{task}" if task else base
+                say(f"   {run['run_id']}: found its Slurm job {jobs[run['run_id']]} by name ({name})")
+        if not runs:
+            return []
+        if jobs:
+            self.store.set_jobs(jobs)
+        return self.runner.pending()
+
     def submit(self, runs: list[dict]) -> None:
         """Claim the runs, submit them (one array per set of runs with the same resources), record the ids."""
         groups: dict[str, list[tuple[dict, dict]]] = {}
@@ -66,7 +87,11 @@ class SlurmRuns:
             groups.setdefault(key, []).append((run, config.model_dump(mode="json")))
         for key, members in groups.items():
             executor = self.submitit.SlurmExecutor(folder=self.folder, max_num_timeout=0)
-            executor.update_parameters(**json.loads(key))
+            # a name of its own per submission, recorded before sbatch: a restarted study finds the job by it
+            name = f"distcnn-{self.spec.name}-{uuid.uuid4().hex[:8]}"
+            executor.update_parameters(**json.loads(key) | {"job_name": name})
+            self.store.mark_submitting({run["run_id"]: f"{name}#{index if len(members) > 1 else ''}"
+                                        for index, (run, _) in enumerate(members)})
             try:
                 if len(members) == 1:
                     jobs = [executor.submit(run_job.run, members[0][1])]

@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT,
     job_id TEXT,
     job_state TEXT,
-    placement TEXT
+    placement TEXT,
+    job_name TEXT
 );
 """
 
@@ -90,7 +91,7 @@ class StudyStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-            for column in ("owner", "job_id", "job_state", "placement"):  # a study.db written before they existed
+            for column in ("owner", "job_id", "job_state", "placement", "job_name"):  # (written before they existed)
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         except sqlite3.DatabaseError as error:  # not a database, or one cut short or overwritten
@@ -135,7 +136,8 @@ class StudyStore:
         """Take a run to train it, in one transaction: False when it is done or another runner holds it, so no
         two processes ever train the same run."""
         return self._write("UPDATE runs SET status = 'running', attempts = attempts + 1, started_at = ?, "
-                           "run_dir = ?, error = NULL, owner = ?, job_id = NULL, job_state = NULL WHERE run_id = ? AND status != 'done' "
+                           "run_dir = ?, error = NULL, owner = ?, job_id = NULL, job_state = NULL, job_name = NULL "
+                           "WHERE run_id = ? AND status != 'done' "
                            "AND owner IS NULL", (time.time(), str(run_dir), owner, run_id)) == 1
 
     def unclaim(self, run_ids: list[str]) -> None:
@@ -150,6 +152,14 @@ class StudyStore:
         this process records it (nothing is submitted again)."""
         return self._write("UPDATE runs SET owner = ? WHERE run_id = ? AND status = 'running' AND owner IS NULL "
                            "AND job_id IS NOT NULL", (owner, run_id)) == 1
+
+    def mark_submitting(self, names: dict[str, str]) -> None:
+        """Before sbatch: each run's job as Slurm will name it ("NAME#TASK", TASK empty for a job of its own),
+        so that a study process killed between sbatch and set_jobs finds the job by name (SlurmRuns.found)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("UPDATE runs SET job_name = ? WHERE run_id = ?",
+                                [(name, run_id) for run_id, name in names.items()])
 
     def set_jobs(self, jobs: dict[str, str]) -> None:
         """The Slurm job id of each run just submitted, in one transaction."""
