@@ -134,8 +134,15 @@ class RunRecord:
         """epochs.csv as written: one row per epoch, each cell typed back (the one reader of the file)."""
         if not self.path(EPOCHS).exists():
             return []
-        with open(self.path(EPOCHS), newline="") as handle:
-            return [{column: epoch_cell(text) for column, text in row.items()} for row in csv.DictReader(handle)]
+        try:
+            with open(self.path(EPOCHS), newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise UsageError(f"{self.path(EPOCHS)} is damaged ({error}); a resumed run writes it again from its "
+                             f"checkpoint") from None
+        # a row cut short or run long (a copy cut off inside it) is no epoch's: DictReader fills in None
+        return [{column: epoch_cell(text) for column, text in row.items()} for row in rows
+                if None not in row and None not in row.values()]
 
     def write_gradients(self, gradients: dict) -> None:
         write_json(self.path(GRADIENTS), gradients)

@@ -131,3 +131,34 @@ def test_a_full_disk_names_the_file_and_the_space_it_needs_and_the_run_resumes(s
     code, _, stderr = cli(capsys, *RUN, "--out", str(moved), "--resume")
     assert code == 0, stderr
     assert read_summary(moved)["epochs_run"] == 2 and read_summary(moved)["resumed_at_epochs"] == [1]
+
+
+def test_a_damaged_epochs_csv_is_one_line_and_a_row_cut_short_is_no_epoch(finished, tmp_path):
+    from distcnn.errors import UsageError
+    from distcnn.record import RunRecord
+
+    out = crashed_copy(finished, tmp_path)
+    record = RunRecord(out)
+    assert [row["epoch"] for row in record.read_epochs()] == [1, 2]
+    text = (out / "epochs.csv").read_text()
+    (out / "epochs.csv").write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # epoch 2 cut
+    assert [row["epoch"] for row in record.read_epochs()] == [1]
+    (out / "epochs.csv").write_bytes(b"epoch,loss\n\xff\xfe\x00garbage")
+    with pytest.raises(UsageError, match="epochs.csv is damaged"):
+        record.read_epochs()
+
+
+def test_a_damaged_image_cache_is_decoded_again(tmp_path, monkeypatch):
+    from helpers import make_imagefolder
+
+    from distcnn.data import load_data
+
+    monkeypatch.setenv("DISTCNN_CACHE", str(tmp_path / "cache"))
+    root = make_imagefolder(tmp_path / "images", classes=2, per_class=6, size=8)
+    first = load_data(f"imagefolder:{root}")
+    [cached] = list((tmp_path / "cache").rglob("decoded-*.npy"))
+    whole = cached.stat().st_size
+    cut_short(cached)
+    again = load_data(f"imagefolder:{root}")
+    assert again.train.images.equal(first.train.images) and again.test.images.equal(first.test.images)
+    assert cached.stat().st_size == whole, "written whole again"
