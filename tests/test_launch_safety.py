@@ -180,31 +180,43 @@ def rank_of(process: psutil.Process) -> int | None:
         return None
 
 
+def signal_rank_1_after_epoch_1(job: subprocess.Popen, out: Path, sig: int, timeout: float):
+    """Send `sig` to rank 1 of `job` once its first epoch is checkpointed; then wait for the job to end:
+    (what it printed, the rank's process)."""
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            epochs = out / "epochs.csv"
+            victim = next((p for p in family_of(psutil.Process(job.pid)) if rank_of(p) == 1), None)
+            if epochs.exists() and len(epochs.read_text().splitlines()) >= 2 and victim is not None:
+                victim.send_signal(sig)
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the run never reached its second epoch")
+        output, _ = job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return output, victim
+
+
+def one_error_line(job: subprocess.Popen, output: str) -> str:
+    """The job ended with exit code 1 and one `distcnn: error:` line, no traceback after it: that line."""
+    lines = [line for line in output.splitlines() if line.startswith("distcnn: error:")]
+    assert job.returncode == 1 and len(lines) == 1, output
+    assert "Traceback" not in output.split(lines[0])[1], output
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_a_rank_killed_without_restarts_is_named_with_its_signal_and_the_way_to_resume(tmp_path):
     out = tmp_path / "killed"
     job = start("--data", "synthetic:n=1600", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
                 "--seed", "2", "--sample-interval", "0.1", "--out", str(out))
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # after the first epoch's checkpoint, kill rank 1
-            epochs = out / "epochs.csv"
-            victim = next((p for p in family_of(psutil.Process(job.pid)) if rank_of(p) == 1), None)
-            if epochs.exists() and len(epochs.read_text().splitlines()) >= 2 and victim is not None:
-                victim.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the run never reached its second epoch")
-        output, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    lines = [line for line in output.splitlines() if line.startswith("distcnn: error:")]
-    assert job.returncode == 1 and len(lines) == 1, output
-    assert "rank 1 failed first (killed by SIGKILL)" in lines[0], output
-    assert f"distcnn train --out {out} --resume" in lines[0], output
-    assert "Traceback" not in output.split(lines[0])[1], output
+    output, _ = signal_rank_1_after_epoch_1(job, out, signal.SIGKILL, timeout=300)
+    line = one_error_line(job, output)
+    assert "rank 1 failed first (killed by SIGKILL)" in line and f"distcnn train --out {out} --resume" in line
     assert Path(out, "checkpoint.pt").exists(), "the run continues from its checkpoint"
 
 
@@ -213,26 +225,11 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout_and_ended(tmp_pat
     out = tmp_path / "stopped"
     job = start("--data", "synthetic:n=2400", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
                 "--collective-timeout", "5", "--seed", "2", "--out", str(out))
-    victim = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # after the first epoch's checkpoint, stop rank 1 (it does not die)
-            epochs = out / "epochs.csv"
-            victim = next((p for p in family_of(psutil.Process(job.pid)) if rank_of(p) == 1), None)
-            if epochs.exists() and len(epochs.read_text().splitlines()) >= 2 and victim is not None:
-                victim.send_signal(signal.SIGSTOP)
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the run never reached its second epoch")
-        output, _ = job.communicate(timeout=120)  # torch's default would wait 30 minutes
-    finally:
-        if job.poll() is None:
-            job.kill()
-    lines = [line for line in output.splitlines() if line.startswith("distcnn: error:")]
-    assert job.returncode == 1 and len(lines) == 1, output
-    assert f"rank 1 (host {socket.gethostname()}, pid {victim.pid}) stopped making progress" in lines[0], output
-    assert "waited 5 s (--collective-timeout)" in lines[0] and f"--out {out} --resume" in lines[0], output
+    # stopped, rank 1 does not die: without the timeout torch would wait 30 minutes
+    output, victim = signal_rank_1_after_epoch_1(job, out, signal.SIGSTOP, timeout=120)
+    line = one_error_line(job, output)
+    assert f"rank 1 (host {socket.gethostname()}, pid {victim.pid}) stopped making progress" in line, output
+    assert "waited 5 s (--collective-timeout)" in line and f"--out {out} --resume" in line, output
     assert "Traceback" not in output, output
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE, "the stopped rank ended"
     assert Path(out, "checkpoint.pt").exists() and not Path(out, "stalled.txt").exists()
