@@ -119,5 +119,7 @@ def load_checkpoint(path: Path, ranks: Ranks | None = None) -> dict:
         dist.broadcast_object_list(box, src=0, device=ranks.device if ranks.device.type == "cuda" else None)
         state = box[0]
     if set(state) == {"damaged"}:
-        raise DamagedFile(state["damaged"])
+        damaged = DamagedFile(state["damaged"])
+        damaged.said_by_rank_0 = True  # (every rank ends with it; one line is enough)
+        raise damaged
     return state

@@ -7,9 +7,11 @@ from collections.abc import Iterable
 
 
 class UsageError(Exception):
-    """Bad input from the user (a flag, a file, a dataset). The CLI prints it as one line and exits 2."""
+    """Bad input from the user (a flag, a file, a dataset). The CLI prints it as one line and exits 2.
+    `said_by_rank_0`: every rank of a job raises it, and rank 0 prints it (the others end quietly)."""
 
     exit_code = 2
+    said_by_rank_0 = False
 
 
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:

@@ -7,6 +7,7 @@ for a torchrun started by hand). A user mistake found only here
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def main(argv: list[str]) -> int:
         run_dir, config = read_run(argv)
         train(config, run_dir)
     except UsageError as error:
-        print(f"distcnn: error: {error}", file=sys.stderr)
+        if not (error.said_by_rank_0 and os.environ.get("RANK", "0") != "0"):
+            print(f"distcnn: error: {error}", file=sys.stderr)
         return UsageError.exit_code
     except TrainingDiverged:  # recorded in the summary, which the launcher reads and reports once
         return 0

@@ -38,6 +38,13 @@ def crashed_copy(finished, folder: Path) -> Path:
     return out
 
 
+def damaged_two_rank_run(out: Path) -> None:
+    """The crashed copy as a 2-rank run whose one checkpoint is no checkpoint at all."""
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    config = (out / "config.json").read_text().replace('"nproc_per_node": 1', '"nproc_per_node": 2')
+    (out / "config.json").write_text(config)
+
+
 def test_each_epoch_checkpoint_keeps_the_one_before_it(finished):
     import torch
 
@@ -78,9 +85,7 @@ def test_a_damaged_checkpoint_with_nothing_before_it_is_one_line_and_changes_not
 def test_a_damaged_checkpoint_of_a_two_rank_run_is_found_before_any_rank_starts(finished, tmp_path):
     out = crashed_copy(finished, tmp_path)
     (out / "checkpoint.prev.pt").unlink()
-    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    config = (out / "config.json").read_text().replace('"nproc_per_node": 1', '"nproc_per_node": 2')
-    (out / "config.json").write_text(config)
+    damaged_two_rank_run(out)
     done = run_cli(*RUN, "--nproc-per-node", "2", "--out", str(out), "--resume", timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "checkpoint.pt is damaged" in lines[0], done.stderr
@@ -162,3 +167,20 @@ def test_a_damaged_image_cache_is_decoded_again(tmp_path, monkeypatch):
     again = load_data(f"imagefolder:{root}")
     assert again.train.images.equal(first.train.images) and again.test.images.equal(first.test.images)
     assert cached.stat().st_size == whole, "written whole again"
+
+
+@pytest.mark.slow
+def test_ranks_started_by_hand_on_a_damaged_checkpoint_end_with_one_line(finished, tmp_path):
+    """torchrun started by hand (no launcher to check the file first): rank 0 reads the checkpoint and every
+    rank ends with its one line, printed once."""
+    import sys
+
+    from helpers import ROOT
+
+    out = crashed_copy(finished, tmp_path)
+    (out / "checkpoint.prev.pt").unlink()
+    damaged_two_rank_run(out)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                           "-m", "distcnn.worker", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("distcnn: error:")]
+    assert done.returncode != 0 and len(lines) == 1 and "checkpoint.pt is damaged" in lines[0], done.stderr
