@@ -3,7 +3,8 @@ and `dd` (the CNN-DNN of domain decomposition). Each is an object with one small
 `@register_strategy`; the launcher asks `get_strategy(config.strategy)` for it and runs it on every rank.
 
 A strategy uses the one training loop (distcnn.trainer.Trainer) with what it needs passed at construction:
-the model to build, the data, what it adds to the summary.
+the model to build, the data, and the run's outcome (distcnn.trainer.outcome: one model's, with what the
+strategy adds to its summary, or a local phase's local CNNs).
 """
 
 from __future__ import annotations
