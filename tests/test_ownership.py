@@ -159,7 +159,7 @@ def test_a_rank_whose_launcher_is_already_gone_ends_at_once(tmp_path):
 
 KILLED_STUDY = """
 [base]
-data = "synthetic:n=1600"
+data = "synthetic:n=3200"
 epochs = 4
 batch-size = 32
 nproc-per-node = 2
