@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distcnn-installed
 STUDY ?=  # a study file; empty: the built-in cost study
 
-.PHONY: setup data slurm demo test test-fast bench clean
+.PHONY: setup data slurm slurm-cluster slurm-cluster-down demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,16 @@ $(STAMP): requirements.txt pyproject.toml
 data:
 	@bash scripts/ensure-fashion-mnist.sh
 
-slurm:  # Slurm + munge for the one-node test cluster (tests/slurm_cluster.py); root only
+slurm:  # Slurm + munge for the test clusters (tests/slurm_cluster.py); root only
 	@bash scripts/ensure-slurm.sh
+
+SLURM_NODES ?= 2
+SLURM_DIR ?= /tmp/distcnn-slurm
+slurm-cluster: setup slurm  # a Slurm cluster to try by hand: SLURM_NODES=2 slurmds on two emulated hosts
+	$(PY) tests/slurm_cluster.py up --nodes $(SLURM_NODES) $(SLURM_DIR)
+
+slurm-cluster-down:
+	$(PY) tests/slurm_cluster.py down $(SLURM_DIR)
 
 demo: setup data
 	$(PY) -m distcnn study $(STUDY)

@@ -45,3 +45,37 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_slurm(tmp_path_factory):
+    """A real two-node Slurm cluster on two emulated hosts (tests/slurm_cluster.py): a slurmd in each host's
+    network namespace (nodes distcnn-h1, distcnn-h2), the controller on the first; `.kill_node(node)`,
+    `.start_node(node)` and the one-node cluster's `.env`, `.run(...)`. Module-scoped: the emulated cluster is
+    this machine's one, so the hosts come up and go down with the module. Skips with the reason where the
+    machine cannot run it."""
+    import os
+    import shutil
+
+    from slurm_cluster import ClusterUnavailable, start_cluster
+
+    from distcnn import cluster
+    from distcnn.errors import UsageError
+
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+        pytest.skip("the two-node Slurm cluster runs on the emulated hosts: it needs root and iproute2")
+    try:
+        hosts = cluster.up(2)
+    except UsageError as reason:
+        pytest.skip(f"no emulated hosts for the two-node Slurm cluster: {reason}")
+    try:
+        try:
+            slurm = start_cluster(tmp_path_factory.mktemp("slurm2"), hosts=hosts)
+        except ClusterUnavailable as reason:
+            pytest.skip(f"no two-node Slurm cluster: {reason}")
+        try:
+            yield slurm
+        finally:
+            slurm.stop()
+    finally:
+        cluster.down()

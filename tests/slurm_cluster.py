@@ -1,5 +1,5 @@
-"""A real one-node Slurm cluster for the tests (conftest's session fixture `slurm_cluster`), and its `sacct`
-stand-in.
+"""A real Slurm cluster for the tests (conftest's fixtures `slurm_cluster`, one node, and `two_node_slurm`, two
+nodes on the emulated cluster's hosts), and its `sacct` stand-in.
 
 The cluster: slurmctld and slurmd (Debian's Slurm 22.05, installed by `make` through scripts/ensure-slurm.sh)
 and munged, started as children of the test process from a slurm.conf written into a temporary folder. The
@@ -12,6 +12,17 @@ not `idle` within START_TIMEOUT_S (the daemons' log tails are in the reason). At
 cluster's jobs and stops its daemons and any process left over from them, by pid. Made fast for tests:
 batch jobs are scheduled on the controller's 1 s tick (batch_sched_delay=0), and KillWait=1, since a
 submitit job ignores SIGTERM and only dies at the SIGKILL that follows KillWait (30 s by default).
+
+Two nodes (`start_cluster(root, hosts=[...])`, the emulated cluster's hosts, distcnn/cluster.py): one slurmd in
+each host's network namespace, under its own node name (the host's, e.g. distcnn-h1) and address, and the
+slurmctld in the first host's namespace, as on a head node that is also a compute node. munged stays in this
+namespace (its socket is a file, which every namespace reaches). The client commands (sbatch, squeue, srun ...)
+are run on the first host, as from a login node: `env`'s PATH puts wrappers first that exec them there (inside a
+host they run as they are). A job's tasks run inside their node's namespace, so each rank's network counters
+are its host's. `kill_node` ends every process in one host's namespace (its slurmd, the job's step and ranks):
+the node dies as a machine does; `start_node` starts its slurmd again (ReturnToService=2 brings it back).
+`python tests/slurm_cluster.py up [--nodes 2] DIR` (what `make slurm-cluster` runs) starts one for a person to
+try; it runs on until `python tests/slurm_cluster.py down DIR` (`make slurm-cluster-down`) stops it.
 
 The `sacct` stand-in (a TEST STAND-IN FOR SLURMDBD): without an accounting database, the real `sacct`
 fails; submitit then reads every job as UNKNOWN and waits forever for a job that died without writing its
@@ -37,8 +48,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT_S = 15.0
+# how soon the controller declares a node that stopped answering DOWN (and fails its jobs, NODE_FAIL)
+SLURMD_TIMEOUT_S = 2
+PREFIX = "distcnn-"  # the emulated cluster's namespaces (distcnn/cluster.py)
 PARTITION = "debug"
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
@@ -57,25 +72,30 @@ class ClusterUnavailable(RuntimeError):
 
 @dataclass
 class SlurmCluster:
-    """A running one-node cluster. Merge `env` into the environment of whatever calls sbatch, squeue,
-    sacct, scancel (for submitit: monkeypatch.setenv each key, since it calls them with os.environ)."""
+    """A running cluster. Merge `env` into the environment of whatever calls sbatch, squeue, sacct, scancel
+    (for submitit: monkeypatch.setenv each key, since it calls them with os.environ)."""
 
-    root: Path  # the temporary folder: slurm.conf, logs, state, spool, munge, bin/sacct
+    root: Path  # the temporary folder: slurm.conf, logs, state, spool, munge, bin/ (sacct, client wrappers)
     conf_path: Path
-    node: str
-    cpus: int
+    node: str  # the first node
+    cpus: int  # per node
     partition: str = PARTITION
-    env: dict[str, str] = field(default_factory=dict)  # SLURM_CONF, PATH (bin/sacct first)
-    pids: dict[str, int] = field(default_factory=dict)  # daemon name -> pid
+    nodes: list[str] = field(default_factory=list)
+    namespaces: dict[str, str] = field(default_factory=dict)  # node -> its host's network namespace (two-node)
+    env: dict[str, str] = field(default_factory=dict)  # SLURM_CONF, PATH (bin/ first)
+    pids: dict[str, int] = field(default_factory=dict)  # daemon name (slurmd: slurmd@NODE) -> pid
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+    _spawn: Any = field(default=None, repr=False)
 
     def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         """Run a Slurm client command (`scontrol`, `squeue` ...) against this cluster; text output."""
         return subprocess.run(list(args), env={**os.environ, **self.env}, capture_output=True, text=True,
                               timeout=timeout, check=check)
 
-    def node_state(self) -> str:
-        result = self.run("sinfo", "--noheader", "--Node", "--format=%T", "--nodes", self.node, check=False)
+    def node_state(self, node: str | None = None) -> str:
+        """The node's state as sinfo prints it ("idle", "mixed", "down*" ...), the first node's by default."""
+        result = self.run("sinfo", "--noheader", "--Node", "--format=%T", "--nodes", node or self.node,
+                          check=False)
         return result.stdout.strip().lower()
 
     def job_state(self, job_id: str) -> str:
@@ -86,11 +106,32 @@ class SlurmCluster:
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
-        for name in ("slurmctld", "slurmd", "munged"):
+        for name in ("slurmctld", *(f"slurmd.{node}" for node in self.nodes), "munged"):
             log = self.root / f"{name}.log"
             text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
             parts.append(f"--- {name}.log\n" + "\n".join(text))
         return "\n".join(parts)
+
+    def kill_node(self, node: str) -> list[int]:
+        """The node dies as a machine does: SIGKILL to every process in its host's network namespace (its
+        slurmd, a job's slurmstepd and tasks, their ranks). Two-node clusters only; the pids killed."""
+        inode = os.stat(f"/run/netns/{self.namespaces[node]}").st_ino
+        killed = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.stat(entry / "ns" / "net").st_ino == inode:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            except (OSError, ProcessLookupError):
+                continue
+        proc = self._proc(f"slurmd@{node}")
+        if proc is not None:
+            proc.wait(timeout=10)
+        return killed
+
+    def start_node(self, node: str) -> None:
+        """Start the node's slurmd again (after kill_node); the controller returns it to service."""
+        self._spawn(f"slurmd@{node}", "-D", "-f", str(self.conf_path), "-N", node)
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, then end whatever the cluster started that is still running
@@ -103,8 +144,8 @@ class SlurmCluster:
                 if not out.strip():
                     break
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
-            proc = next((p for p in self._procs if p.pid == self.pids.get(name)), None)
+        for name in [*(f"slurmd@{node}" for node in self.nodes), "slurmctld", "munged"]:
+            proc = self._proc(name)
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -118,8 +159,11 @@ class SlurmCluster:
             except ProcessLookupError:
                 pass
 
+    def _proc(self, name: str) -> subprocess.Popen | None:
+        return next((p for p in reversed(self._procs) if p.pid == self.pids.get(name)), None)
+
     def _alive(self, name: str) -> bool:
-        proc = next((p for p in self._procs if p.pid == self.pids.get(name)), None)
+        proc = self._proc(name)
         return proc is not None and proc.poll() is None
 
 
@@ -165,15 +209,23 @@ def _memory_mb() -> int:
     return 2048
 
 
-def _write_conf(root: Path, node: str, cpus: int, socket_path: Path) -> Path:
+def _write_conf(root: Path, nodes: dict[str, str], cpus: int, socket_path: Path) -> Path:
+    """slurm.conf for `nodes` (name -> address; the first also runs the controller)."""
     ctld_port, slurmd_port = _free_ports(2)
     for sub in ("state", "spool"):
         (root / sub).mkdir(exist_ok=True)
     (root / "plugstack.conf").write_text("")  # none of the system's SPANK plugins
+    head, address = next(iter(nodes.items()))
+    for name in nodes:
+        (root / "spool" / name).mkdir(exist_ok=True)
+    controller = head if address == "127.0.0.1" else f"{head}({address})"  # slurmctld runs on the first node
+    memory = max(256, _memory_mb() // (2 * len(nodes)))
+    node_lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={memory} State=UNKNOWN\n"
+                         for name, addr in nodes.items())
     conf = root / "slurm.conf"
-    conf.write_text(f"""# one-node test cluster (tests/slurm_cluster.py)
+    conf.write_text(f"""# {len(nodes)}-node test cluster (tests/slurm_cluster.py)
 ClusterName=distcnn-test
-SlurmctldHost={node}
+SlurmctldHost={controller}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -182,11 +234,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd.%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={root}/plugstack.conf
@@ -203,58 +255,90 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SlurmdParameters=config_overrides
 ReturnToService=2
+SlurmdTimeout={SLURMD_TIMEOUT_S}
+MessageTimeout=3
 MinJobAge=3600
 KillWait=1
 InactiveLimit=0
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={max(256, _memory_mb() // 2)} State=UNKNOWN
-PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}PartitionName={PARTITION} Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
 
 
-def _write_sacct(root: Path) -> Path:
+def _write_bin(root: Path, paths: dict[str, str], head_namespace: str | None) -> Path:
+    """bin/: the sacct stand-in and, for a cluster on namespaces, the client commands run on the first host."""
     bin_dir = root / "bin"
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "sacct"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" sacct "$@"\n')
     script.chmod(0o755)
+    for name in CLIENTS if head_namespace else ():
+        wrapper = bin_dir / name
+        wrapper.write_text(f'#!/bin/sh\n# run on the head host, as from a login node (tests/slurm_cluster.py)\n'
+                           f'case "$(ip netns identify 2>/dev/null)" in {PREFIX}*) exec "{paths[name]}" "$@";; '
+                           f'esac\nexec ip netns exec {head_namespace} "{paths[name]}" "$@"\n')
+        wrapper.chmod(0o755)
     return bin_dir
 
 
-def start_cluster(root: Path, timeout: float = START_TIMEOUT_S) -> SlurmCluster:
-    """Start munged, slurmctld and slurmd from files under `root` and wait for the node to be idle.
+def _in_host(namespace: str) -> list[str]:
+    """The argv prefix that runs a daemon inside an emulated host, as a machine of its own: its network
+    namespace, its hosts file (as `ip netns exec` mounts it) and its own host name (the node's: torchrun's c10d
+    rendezvous finds the node that serves its store by it, as on a real cluster). This machine's /sys is kept:
+    slurmd needs its cgroup mounts, which `ip netns exec` hides under a fresh sysfs. Every step execs: the pid is
+    the daemon's."""
+    return ["unshare", "--mount", "--uts", "--propagation", "slave", "nsenter", f"--net=/run/netns/{namespace}",
+            "sh", "-c", 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"',
+            f"/etc/netns/{namespace}/hosts", namespace]
+
+
+def start_cluster(root: Path, hosts: list | None = None, timeout: float = START_TIMEOUT_S) -> SlurmCluster:
+    """Start munged, slurmctld and slurmd(s) from files under `root` and wait for every node to be idle: one
+    node, this host, or one per emulated host in `hosts` (distcnn.cluster.Host, which must be up).
     Raises ClusterUnavailable (daemons stopped) when the cluster cannot run here."""
     if os.geteuid() != 0:
-        raise ClusterUnavailable("the one-node Slurm cluster runs its daemons as root (SlurmUser=root); "
+        raise ClusterUnavailable("the test Slurm cluster runs its daemons as root (SlurmUser=root); "
                                  "run the tests as root")
     paths = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in
-             DAEMONS + CLIENTS}
+             DAEMONS + CLIENTS + (("ip", "unshare", "nsenter") if hosts else ())}
     missing = sorted(name for name, path in paths.items() if not path)
     if missing:
         raise ClusterUnavailable(f"Slurm is not installed (missing {', '.join(missing)}); "
                                  "run `make slurm` as root (apt-get install slurmctld slurmd slurm-client munge)")
     root = Path(root).resolve()
-    node, cpus = socket.gethostname().split(".")[0], len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0))
+    if hosts:
+        nodes, cpus = {host.name: host.address for host in hosts}, max(1, cpus // len(hosts))
+        namespaces = {host.name: host.name for host in hosts}
+    else:
+        nodes, namespaces = {socket.gethostname().split(".")[0]: "127.0.0.1"}, {}
     munge_dir = root / "munge"
     if len(str(munge_dir)) > 80:  # unix socket paths are short
         import tempfile
         munge_dir = Path(tempfile.mkdtemp(prefix="munge-"))
     munge_dir.mkdir(mode=0o700, exist_ok=True)
     socket_path = munge_dir / "munge.socket"
-    conf = _write_conf(root, node, cpus, socket_path)
-    bin_dir = _write_sacct(root)
+    conf = _write_conf(root, nodes, cpus, socket_path)
+    head = next(iter(nodes))
+    bin_dir = _write_bin(root, paths, namespaces.get(head))
     env = {"SLURM_CONF": str(conf), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cluster = SlurmCluster(root=root, conf_path=conf, node=node, cpus=cpus, env=env)
+    cluster = SlurmCluster(root=root, conf_path=conf, node=head, cpus=cpus, nodes=list(nodes),
+                           namespaces=namespaces, env=env)
     daemon_env = {**os.environ, **env}
 
     def spawn(name: str, *args: str) -> None:
+        program, _, node = name.partition("@")
+        # munged stays here: its socket is a file, which every host reaches
+        here = not namespaces or program == "munged"
+        inside = [] if here else _in_host(namespaces[node or head])
         log = open(root / f"{name}.out", "ab")
-        proc = subprocess.Popen([paths[name], *args], env=daemon_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen([*inside, paths[program], *args], env=daemon_env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         cluster._procs.append(proc)
         cluster.pids[name] = proc.pid
 
+    cluster._spawn = spawn
     try:
         key = munge_dir / "munge.key"
         subprocess.run([paths["mungekey"], "--create", "--keyfile", str(key)], check=True,
@@ -265,10 +349,12 @@ def start_cluster(root: Path, timeout: float = START_TIMEOUT_S) -> SlurmCluster:
         if not _wait(lambda: socket_path.exists() or _daemons_dead(cluster), 5) or _daemons_dead(cluster):
             raise ClusterUnavailable("munged did not start")
         spawn("slurmctld", "-D", "-c", "-i", "-f", str(conf))
-        spawn("slurmd", "-D", "-f", str(conf), "-N", node)
-        if not _wait(lambda: _daemons_dead(cluster) or cluster.node_state() == "idle", timeout):
-            raise ClusterUnavailable(f"the Slurm node did not reach idle within {timeout:.0f} s "
-                                     f"(state {cluster.node_state()!r})")
+        for node in nodes:
+            cluster.start_node(node)
+        if not _wait(lambda: _daemons_dead(cluster) or all(cluster.node_state(n) == "idle" for n in nodes),
+                     timeout):
+            raise ClusterUnavailable(f"the Slurm nodes did not reach idle within {timeout:.0f} s (states "
+                                     f"{[cluster.node_state(n) for n in nodes]})")
         if _daemons_dead(cluster):
             raise ClusterUnavailable(f"a Slurm daemon exited at start ({_daemons_dead(cluster)})")
     except (ClusterUnavailable, OSError, subprocess.SubprocessError) as error:
@@ -342,5 +428,85 @@ def sacct(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["sacct"]:
-    sys.exit(sacct(sys.argv[2:]))
+def up(root: Path, nodes: int) -> SlurmCluster:
+    """Start a cluster for a person to try (`make slurm-cluster`), on `nodes` emulated hosts when more than one;
+    it runs on after this process ends, its daemons' pids kept in ROOT/cluster.json for `down`."""
+    import json
+
+    from distcnn import cluster as emulated
+
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "cluster.json").exists():
+        raise ClusterUnavailable(f"{root} already holds a cluster; stop it first: python {__file__} down {root}")
+    hosts = emulated.up(nodes) if nodes > 1 else None
+    try:
+        slurm = start_cluster(root, hosts=hosts)
+    except ClusterUnavailable:
+        if hosts:
+            emulated.down()
+        raise
+    (root / "cluster.json").write_text(json.dumps({"pids": slurm.pids, "env": slurm.env, "hosts": bool(hosts)}))
+    return slurm
+
+
+def down(root: Path) -> None:
+    """Stop a cluster `up` started: cancel its jobs, end its daemons and what they left, take its hosts down."""
+    import json
+
+    from distcnn import cluster as emulated
+
+    try:
+        kept = json.loads((root / "cluster.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ClusterUnavailable(f"no cluster to stop in {root} ({error})") from None
+    env = {**os.environ, **kept["env"]}
+    subprocess.run(["scancel", "--partition", PARTITION], env=env, capture_output=True, timeout=10)
+    for pid in [*kept["pids"].values(), *_pids_with_env(f"SLURM_CONF={kept['env']['SLURM_CONF']}")]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        if not _wait(lambda: _gone(pid), 8):
+            os.kill(pid, signal.SIGKILL)
+    if kept["hosts"]:
+        emulated.down()
+    (root / "cluster.json").unlink()
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie no parent has reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["sacct"]:
+        return sacct(argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="slurm_cluster.py", description="A test Slurm cluster on this machine.")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("root", type=Path, help="its folder: slurm.conf, logs, state")
+    parser.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="2: one slurmd per emulated host")
+    args = parser.parse_args(argv)
+    from distcnn.errors import UsageError
+
+    try:
+        if args.action == "down":
+            down(args.root.resolve())
+            print(f"Slurm cluster in {args.root} stopped")
+            return 0
+        slurm = up(args.root.resolve(), args.nodes)
+    except (ClusterUnavailable, UsageError) as error:
+        print(f"slurm_cluster.py: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"Slurm cluster up: nodes {', '.join(slurm.nodes)}, partition {slurm.partition}. To use it:")
+    print(f"  export SLURM_CONF={slurm.env['SLURM_CONF']} PATH={slurm.root / 'bin'}:$PATH")
+    print(f"Stop it: python {__file__} down {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

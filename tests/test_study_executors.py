@@ -70,7 +70,11 @@ def test_a_multi_node_run_under_slurm_meets_at_its_jobs_first_node():
     parameters = slurm.job_parameters({"gpus_per_node": 4, "time": 30, "sbatch": {"mail-type": "END"}}, config, "j")
     assert parameters | {"cpus_per_task": None} == {
         "job_name": "j", "nodes": 2, "ntasks_per_node": 1, "time": 30, "cpus_per_task": None, "gpus_per_node": 4,
-        "additional_parameters": {"mail_type": "END"}}
+        "additional_parameters": {"mail_type": "END", "no_requeue": True}, "srun_args": ["--kill-on-bad-exit=1"]}
+    asked = slurm.job_parameters({"sbatch": {"requeue": True}}, single_node := make_config({}), "j")
+    assert asked["additional_parameters"] == {"requeue": True} and "srun_args" not in asked, \
+        "the user's own requeue choice stands; one node has no peers to end"
+    assert single_node.nnodes == 1
     single = make_config({"data": "synthetic:n=300"})
     assert slurm.job_config(single, environ) is single, "one machine: nothing to fill in"
 

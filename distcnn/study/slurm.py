@@ -14,7 +14,10 @@ It is the only writer of study.db; the jobs write only their run directories on 
     sbatch = { exclusive = true, "mail-type" = "END" }   # any other sbatch option, as name = value
 
 A run with nnodes > 1 is one job of that many nodes with one task per node, each starting the torchrun agent;
-the rendezvous endpoint is the job's first node (from SLURM_JOB_NODELIST), not typed by the user.
+the rendezvous endpoint is the job's first node (from SLURM_JOB_NODELIST), not typed by the user. Its step
+ends as soon as one node's agent fails (srun --kill-on-bad-exit). Jobs are submitted with --no-requeue (unless
+[slurm] sbatch names requeue or no-requeue): after a node fails, Slurm would otherwise requeue the job behind
+the study's back; the study records the failure with Slurm's state and retries it as --retries says.
 """
 
 from __future__ import annotations
@@ -113,8 +116,12 @@ def job_parameters(options: dict, config: TrainConfig, name: str) -> dict[str, A
                 "array_parallelism"):
         if key in options:
             parameters[key] = options[key]
-    if options.get("sbatch"):
-        parameters["additional_parameters"] = {k.replace("-", "_"): v for k, v in options["sbatch"].items()}
+    sbatch = {k.replace("-", "_"): v for k, v in options.get("sbatch", {}).items()}
+    if not {"requeue", "no_requeue"} & set(sbatch):
+        sbatch["no_requeue"] = True  # the study retries a failed run itself, as --retries says, and records why
+    parameters["additional_parameters"] = sbatch
+    if config.nnodes > 1:  # a node whose agent fails ends the job's step, rather than its peers waiting on it
+        parameters["srun_args"] = ["--kill-on-bad-exit=1"]
     return parameters
 
 

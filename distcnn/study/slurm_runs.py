@@ -12,6 +12,7 @@ submission has its own) and attached, not submitted again.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,8 @@ from distcnn.console import say
 from distcnn.errors import UsageError
 from distcnn.study import job as run_job
 from distcnn.study import slurm
+
+TRACE_RULE = "----------------------\n"  # what submitit sets around a failed job's trace
 
 
 class SlurmRuns:
@@ -141,7 +144,12 @@ def _has_result(job) -> bool:
 
 
 def _first_line(error) -> str:
-    """The line of a job's error that says what went wrong (its exception's own line, not the traceback)."""
-    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    """The line of an error that says what went wrong. A job's (submitit sets its trace between two rules):
+    the exception's own line, the trace's last, `module.Name: message` as `Name: message`, not the traceback
+    or submitit's pointers to the logs. Any other (sbatch's refusal): the last line that names an error."""
+    parts = str(error or "").split(TRACE_RULE)
+    lines = [line.strip() for line in parts[len(parts) >= 3].splitlines() if line.strip()]
+    if len(parts) >= 3 and lines:
+        return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1])
     named = [line for line in lines if "Error:" in line or "error:" in line]
     return (named or lines or ["no output"])[-1]
