@@ -23,7 +23,7 @@ import torch.distributed as dist
 from distcnn.console import say
 from distcnn.errors import UsageError
 from distcnn.parallel.ranks import Ranks
-from distcnn.record import CHECKPOINT, NoSpace, write_atomic
+from distcnn.record import BEST, CHECKPOINT, NoSpace, write_atomic
 
 PREVIOUS = "checkpoint.prev.pt"  # the epoch checkpoint before the newest, beside it
 
@@ -88,6 +88,8 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return _read(path)
     except DamagedFile as damaged:
+        if path.name == BEST:
+            return _best_from_checkpoint(path, damaged)
         previous = previous_of(path)
         if previous is None or not previous.exists():
             raise DamagedFile(f"{damaged}; delete it to start the run over, or put back a good copy") from None
@@ -101,6 +103,22 @@ def read_checkpoint(path: Path) -> dict:
         say(f"warning: {damaged}; resuming from the previous checkpoint instead ({previous.name}, after epoch "
             f"{epoch}; the damaged file is kept as {path.name}.damaged)")
         return state
+
+
+def _best_from_checkpoint(path: Path, damaged: DamagedFile) -> dict:
+    """The best weights when best.pt is damaged: an epoch checkpoint beside it whose epoch was the best one holds
+    the same weights, and stands in for it, saying so; else one line: the best weights are nowhere else."""
+    for name in (CHECKPOINT, PREVIOUS):
+        try:
+            state = _read(path.with_name(name))
+        except (DamagedFile, OSError):
+            continue
+        epoch = state.get("state", {}).get("epoch")
+        if "model" in state and epoch is not None and epoch == state["state"].get("best_epoch"):
+            say(f"warning: {damaged}; its weights, the best epoch's ({epoch}), are taken from {name} instead")
+            return {"model": state["model"], "epoch": epoch}
+    raise DamagedFile(f"{damaged}, and no checkpoint beside it holds the best epoch's weights; put back a good copy "
+                      f"of it, or train the run again (a new --out)") from None
 
 
 def load_checkpoint(path: Path, ranks: Ranks | None = None) -> dict:

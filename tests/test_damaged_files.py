@@ -82,6 +82,31 @@ def test_a_damaged_checkpoint_with_nothing_before_it_is_one_line_and_changes_not
 
 
 @pytest.mark.slow
+def test_damaged_best_weights_are_taken_from_the_checkpoint_of_the_best_epoch_or_named_in_one_line(finished,
+                                                                                                 tmp_path, capsys):
+    import torch
+
+    out = crashed_copy(finished, tmp_path)
+    assert finished[1]["best_epoch"] == finished[1]["epochs_run"], "the synthetic run's last epoch is its best"
+    cut_short(out / "best.pt")
+    code, stdout, stderr = cli(capsys, *RUN, "--out", str(out), "--resume")
+    assert code == 0, stderr
+    warning = [line for line in (stdout + stderr).splitlines() if "is damaged" in line]
+    assert len(warning) == 1 and "best.pt is damaged" in warning[0] and "from checkpoint.pt" in warning[0], warning
+    assert read_summary(out)["test_accuracy"] == finished[1]["test_accuracy"], "the same weights scored"
+
+    from distcnn.checkpoint import DamagedFile, read_checkpoint
+
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # no checkpoint of the best epoch beside it
+        saved = torch.load(out / name, weights_only=True)
+        saved["state"]["best_epoch"] = 0
+        torch.save(saved, out / name)
+    with pytest.raises(DamagedFile) as refused:
+        read_checkpoint(out / "best.pt")
+    assert "best.pt is damaged" in str(refused.value) and "put back a good copy" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
 def test_a_damaged_checkpoint_of_a_two_rank_run_is_found_before_any_rank_starts(finished, tmp_path):
     out = crashed_copy(finished, tmp_path)
     (out / "checkpoint.prev.pt").unlink()
