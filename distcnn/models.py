@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from distcnn.errors import UsageError, unknown
 
@@ -155,10 +153,18 @@ def lenet(in_chans: int, num_classes: int, width: float = 1.0) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- lookup
 
 
+def _timm():
+    """timm, imported on first use: a run of an own net never imports it (with it come torchvision and
+    torch._dynamo, 1.5 s of CPU at every rank's start)."""
+    import timm
+
+    return timm
+
+
 @functools.cache
 def timm_names() -> tuple[str, ...]:
     """timm's architecture names, listed once per process (lookups and suggestions reuse them)."""
-    return tuple(timm.list_models())
+    return tuple(_timm().list_models())
 
 
 def model_names() -> list[str]:
@@ -176,7 +182,7 @@ def model_source(name: str) -> str:
     """'distcnn' for an own net, 'timm' for a timm architecture; UsageError for anything else."""
     if name in OWN_MODELS:
         return "distcnn"
-    if name in timm_names() or timm.is_model(name):  # is_model also accepts tagged names like resnet18.a1_in1k
+    if name in timm_names() or _timm().is_model(name):  # is_model also accepts tagged names like resnet18.a1_in1k
         return "timm"
     raise unknown_model(name)
 
@@ -194,7 +200,7 @@ def create_model(name: str, *, in_chans: int, num_classes: int, width: float = 1
         return OWN_MODELS[name](in_chans, num_classes, width=width)
     if width != 1.0:
         raise UsageError(WIDTH_IS_OWN_ONLY.format(own=", ".join(OWN_MODELS)))
-    return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    return _timm().create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------------------------- cost
@@ -257,6 +263,8 @@ def train_flops_per_image(model: nn.Module, in_chans: int, image_size: int) -> i
     The model is left as it was: weights, `.grad`, BatchNorm running stats, train/eval mode and the global RNG.
     An image size the model cannot take raises the RuntimeError; call `check_input_size` first for a UsageError.
     """
+    from torch.utils.flop_counter import FlopCounterMode  # here: it imports triton, 0.2 s that most never need
+
     images = probe_images(model, in_chans, image_size)
     parameters = list(model.parameters())
     saved_grads = [parameter.grad for parameter in parameters]

@@ -103,12 +103,17 @@ def progress(config: TrainConfig, best: Best, epochs_run: int, diverged: dict | 
             "stopped_at_target": bool(config.stop_at_target and target and clock.epoch < config.epochs)}
 
 
-def cost(params: int, flops_per_image: float, clock: RunState, world_size: int, gradient_bytes: int | None,
-         compile_seconds: float | None) -> dict:
+def achieved_flops(flops_per_image: float | None, images: int, world_size: int, seconds: float) -> float | None:
+    """The training FLOP/s each rank achieved; None where the FLOPs were not counted (ranks other than 0)."""
+    return flops_per_image * images / world_size / seconds if seconds and flops_per_image is not None else None
+
+
+def cost(params: int, flops_per_image: float | None, clock: RunState, world_size: int,
+         gradient_bytes: int | None, compile_seconds: float | None) -> dict:
     """What a model cost: its size, its FLOPs per image and the rate it trained at per rank."""
-    seconds = clock.train_seconds
     return {"params": params, "train_flops_per_image": flops_per_image,
-            "achieved_flops_per_s": flops_per_image * clock.images_seen / world_size / seconds if seconds else None,
+            "achieved_flops_per_s": achieved_flops(flops_per_image, clock.images_seen, world_size,
+                                                   clock.train_seconds),
             "gradient_bytes": gradient_bytes, "compile_seconds": compile_seconds}
 
 

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import kornia
 import torch
 from torch import Tensor
 
@@ -64,7 +63,9 @@ def _signs(u: Tensor) -> Tensor:
 
 def _rotation(x, degrees, u, noise):
     angle = (degrees * _signs(u[:, 0])).to(x)
-    return kornia.geometry.transform.rotate(x, angle, mode="bilinear", padding_mode="zeros", align_corners=True)
+    from kornia.geometry.transform import rotate  # kornia on first use: a run without --eval-shift never imports it
+
+    return rotate(x, angle, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def translation_pixels(fraction: float, size: int) -> int:
@@ -74,7 +75,9 @@ def translation_pixels(fraction: float, size: int) -> int:
 def _translation(x, fraction, u, noise):
     p = translation_pixels(fraction, x.shape[-1])
     shift = (p * torch.stack([_signs(u[:, 0]), _signs(u[:, 1])], dim=1)).to(x)
-    return kornia.geometry.transform.translate(x, shift, mode="bilinear", padding_mode="zeros", align_corners=True)
+    from kornia.geometry.transform import translate
+
+    return translate(x, shift, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def _noise(x, sigma, u, noise):
@@ -87,7 +90,9 @@ def blur_kernel_size(sigma: float) -> int:
 
 def _blur(x, sigma, u, noise):
     k = blur_kernel_size(sigma)
-    return kornia.filters.gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="reflect")
+    from kornia.filters import gaussian_blur2d
+
+    return gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="reflect")
 
 
 def _contrast(x, factor, u, noise):

@@ -91,3 +91,21 @@ def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
 def test_mixup_cutmix_and_label_smoothing_train_with_soft_targets(tmp_path):
     summary = run(config(tmp_path, epochs=2, policy="trivialaugment", mixup=0.2, cutmix=1.0, label_smoothing=0.1))
     assert summary["test_accuracy"] > 0.3
+
+
+def test_a_run_of_an_own_net_with_batched_augmentation_imports_no_torchvision_timm_or_dynamo():
+    """Every rank and launcher starts by importing distcnn: torchvision, timm (each bringing torch._dynamo) and
+    kornia are imported only where a run uses them, 2 s of CPU a process spared (a 2-rank run starts three)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, distcnn.cli, distcnn.launch, distcnn.worker\n"
+             "from distcnn.models import create_model\n"
+             "from distcnn.augment import build_augment\n"
+             "create_model('lenet', in_chans=1, num_classes=10)\n"
+             "build_augment('paper', sys.argv[1], 1, 28)\n"
+             "print(*sorted(m for m in ('torchvision', 'timm', 'torch._dynamo', 'kornia') if m in sys.modules))\n")
+    loaded = {backend: subprocess.run([sys.executable, "-c", probe, backend], capture_output=True, text=True,
+                                      check=True).stdout.split() for backend in ("batched", "per-sample")}
+    assert loaded["batched"] == [], loaded
+    assert "torchvision" in loaded["per-sample"], "the probe sees an import where one happens"

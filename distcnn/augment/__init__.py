@@ -16,20 +16,26 @@ Why not kornia's own auto-augment modules: in kornia 0.9.0 `kornia.augmentation.
 the same op. distcnn draws the op per image.
 
 Imports go down: spec -> ops -> policies -> sampling -> batched, per_sample -> this package; mix stands apart.
+torchvision is imported only where it is used (the per-sample backend, MixUp/CutMix): with it comes torch._dynamo,
+1.5 s of CPU at every rank's start.
 Nothing inside the package imports this module.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from distcnn.augment.batched import BatchedAugment
 from distcnn.augment.mix import BatchMix, build_batch_mix
 from distcnn.augment.kinds import KINDS
 from distcnn.augment.ops import Affine, Kind, strength
-from distcnn.augment.per_sample import PerSampleAugment
 from distcnn.augment.policies import POLICIES, Policy, get_policy, register_policy
 from distcnn.augment.sampling import Draws, sample_draws
 from distcnn.augment.spec import Op, Slot, choose, each
 from distcnn.errors import unknown
+
+if TYPE_CHECKING:
+    from distcnn.augment.per_sample import PerSampleAugment
 
 __all__ = [
     "BACKENDS", "KINDS", "POLICIES", "Affine", "BatchMix", "BatchedAugment", "Draws", "Kind", "Op", "PerSampleAugment",
@@ -49,5 +55,17 @@ def build_augment(policy_name: str, backend: str, channels: int, image_size: int
         raise unknown("augmentation backend", backend, BACKENDS)
     if not policy.slots:
         return None
-    cls = BatchedAugment if backend == "batched" else PerSampleAugment
-    return cls(policy, channels, image_size)
+    if backend == "batched":
+        return BatchedAugment(policy, channels, image_size)
+    from distcnn.augment.per_sample import PerSampleAugment
+
+    return PerSampleAugment(policy, channels, image_size)
+
+
+def __getattr__(name: str):
+    """PerSampleAugment is imported on first use: it needs torchvision, which a batched run never imports."""
+    if name == "PerSampleAugment":
+        from distcnn.augment.per_sample import PerSampleAugment
+
+        return PerSampleAugment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
-
 from distcnn.augment.ops import Kind, strength
 
 
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's luma weights
+
+
+def tv(name: str) -> Callable:
+    """torchvision v2's functional op `name`, which the per-sample backend applies. Imported on first use: a rank
+    that only augments batches never imports torchvision (with it torch._dynamo: 1.5 s of CPU per process)."""
+    from torchvision.transforms.v2 import functional
+
+    return getattr(functional, name)
 
 
 def _factor(v: Tensor, x: Tensor) -> Tensor:
@@ -63,9 +69,8 @@ class Enhance(Kind):
     limit = 1.0  # a signed strength beyond 1 would give a negative factor
     neutral = 1.0
 
-    def __init__(self, batched: Callable[[Tensor, Tensor], Tensor], per_sample: Callable[[Tensor, float], Tensor],
-                 rgb_only: bool = False):
-        self._batched, self._per_sample, self.rgb_only = batched, per_sample, rgb_only
+    def __init__(self, batched: Callable[[Tensor, Tensor], Tensor], per_sample: str, rgb_only: bool = False):
+        self._batched, self._per_sample, self.rgb_only = batched, per_sample, rgb_only  # per_sample: tv's name
 
     def value(self, op, u):
         return 1.0 + strength(op, u)
@@ -74,7 +79,7 @@ class Enhance(Kind):
         return self._batched(x, v)
 
     def per_sample(self, x, v):
-        return self._per_sample(x, v)
+        return tv(self._per_sample)(x, v)
 
 
 class Posterize(Kind):
@@ -91,7 +96,7 @@ class Posterize(Kind):
         return x.mul(levels).floor_().clamp_(max=levels - 1).div_(levels)
 
     def per_sample(self, x, v):
-        return TF.posterize(x, int(v))
+        return tv("posterize")(x, int(v))
 
 
 class Solarize(Kind):
@@ -112,7 +117,7 @@ class Solarize(Kind):
         return x.sub_((x - _factor(v, x)).sign_().add_(1.0).sign_()).abs_()
 
     def per_sample(self, x, v):
-        return TF.solarize(x, v)
+        return tv("solarize")(x, v)
 
 
 class AutoContrast(Kind):
@@ -131,7 +136,7 @@ class AutoContrast(Kind):
         return x.sub_(low.masked_fill_(keep, 0.0)).div_(span.masked_fill_(keep, 1.0)).clamp_(0.0, 1.0)
 
     def per_sample(self, x, v):
-        return TF.autocontrast(x)
+        return tv("autocontrast")(x)
 
 
 class Equalize(Kind):
@@ -156,14 +161,14 @@ class Equalize(Kind):
         return lut.gather(1, level).view(n, c, h, w)
 
     def per_sample(self, x, v):
-        return TF.equalize(x)
+        return tv("equalize")(x)
 
 
 COLOUR_KINDS: dict[str, Kind] = {
-    "brightness": Enhance(_brightness_, TF.adjust_brightness),
-    "contrast": Enhance(_contrast_, TF.adjust_contrast),
-    "saturation": Enhance(_saturation_, TF.adjust_saturation, rgb_only=True),
-    "sharpness": Enhance(_sharpness_, TF.adjust_sharpness),
+    "brightness": Enhance(_brightness_, "adjust_brightness"),
+    "contrast": Enhance(_contrast_, "adjust_contrast"),
+    "saturation": Enhance(_saturation_, "adjust_saturation", rgb_only=True),
+    "sharpness": Enhance(_sharpness_, "adjust_sharpness"),
     "posterize": Posterize(),
     "solarize": Solarize(),
     "autocontrast": AutoContrast(),

@@ -4,7 +4,6 @@ as they are)."""
 from __future__ import annotations
 
 from torch import Tensor
-from torchvision.transforms import v2
 
 from distcnn.errors import UsageError
 
@@ -25,6 +24,8 @@ class BatchMix:
         if num_classes < 2:
             raise UsageError(f"mixing labels needs at least 2 classes, got {num_classes}")
         self.mixup_alpha, self.cutmix_alpha, self.num_classes = mixup_alpha, cutmix_alpha, num_classes
+        from torchvision.transforms import v2  # here: a run that mixes nothing never imports torchvision
+
         mixes = []
         if mixup_alpha > 0:
             mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
