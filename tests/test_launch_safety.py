@@ -266,10 +266,40 @@ def test_a_rendezvous_endpoint_that_never_answers_is_one_line_naming_it(tmp_path
     from distcnn.ownership import PARENT_ENV
 
     monkeypatch.setenv(PARENT_ENV, "1")  # (launch marks itself the ranks' parent; the test's env stays as it was)
-    config = make_config({"nnodes": 2, "rdzv_endpoint": "198.51.100.7:29500", "out": str(tmp_path / "run")})
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there, and this machine does not host it (is_host=0)
+    config = make_config({"nnodes": 2, "rdzv_endpoint": endpoint, "out": str(tmp_path / "run")})
     start = time.monotonic()
-    with pytest.raises(RunInterrupted) as error:  # TEST-NET-2: nothing answers there
-        torchrun.launch(config, tmp_path / "run", rdzv_conf="read_timeout=3")
+    with pytest.raises(RunInterrupted) as error:
+        torchrun.launch(config, tmp_path / "run", rdzv_conf="read_timeout=3,is_host=0")
     line = str(error.value)
-    assert "rendezvous at 198.51.100.7:29500 failed" in line and "could not be reached" in line and "\n" not in line
+    assert f"rendezvous at {endpoint} failed" in line and "could not be reached" in line and "\n" not in line
     assert time.monotonic() - start < 60, "the read timeout it was given, not torch's 60 s default"
+
+
+def test_an_endpoint_that_accepts_but_never_answers_as_a_store_is_one_line_after_the_read_timeout(tmp_path,
+                                                                                                   monkeypatch):
+    """A listener this machine cannot name (on another machine, or another user's) that accepts and stays
+    silent: torch's store client would wait for its handshake without end. A real store is joined at once."""
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from distcnn.errors import RunInterrupted
+    from distcnn.ownership import PARENT_ENV
+
+    monkeypatch.setenv(PARENT_ENV, "1")
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(8)], daemon=True).start()
+    port = silent.getsockname()[1]
+    config = make_config({"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{port}", "out": str(tmp_path / "run")})
+    start = time.monotonic()
+    with pytest.raises(RunInterrupted) as error:
+        torchrun.launch(config, tmp_path / "run", rdzv_conf="read_timeout=2")
+    line = str(error.value)
+    assert f"rendezvous at 127.0.0.1:{port} failed" in line and "did not answer as a rendezvous store" in line
+    assert "\n" not in line and time.monotonic() - start < 30, "the read timeout it was given, then one line"
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    assert not addresses.silent_listener("127.0.0.1", store.port, 5), "a store answers"
+    assert not addresses.silent_listener("127.0.0.1", free_port(), 5), "nothing listens: torch waits for it"

@@ -6,9 +6,11 @@ import errno
 import ipaddress
 import os
 import socket
+import threading
 from contextlib import contextmanager
 
 LOOPBACK = "127.0.0.1"
+PROBE_GRACE_S = 10.0  # past a store client's own timeout: a client that got an answer, however wrong, is done
 
 
 def is_loopback(host: str) -> bool:
@@ -130,3 +132,29 @@ def is_rendezvous(cmdline: list[str]) -> bool:
         if name in ("distcnn", "torchrun") or word.startswith("distcnn.") or word.startswith("torch.distributed."):
             return True
     return False
+
+
+def silent_listener(host: str, port: int, seconds: float) -> bool:
+    """Whether something at host:port accepts connections but does not answer a rendezvous store's handshake
+    within `seconds` (another program on the port, which this machine cannot name: on another machine, or
+    another user's). A torch store client would wait for that answer without end: torch has no timeout there.
+    False when nothing listens there yet (torch's rendezvous waits for it, up to its read timeout, and says
+    so), or when a store answers. The store client asks in a thread of its own, left behind when it hangs."""
+    try:
+        socket.create_connection((host, port), timeout=min(seconds, 5.0)).close()
+    except OSError:
+        return False
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    def ask() -> None:
+        try:
+            TCPStore(host, port, is_master=False, timeout=timedelta(seconds=seconds)).check(["distcnn-probe"])
+        except Exception:  # noqa: BLE001 — any answer that is no hang: torch's rendezvous says what it is
+            pass
+
+    asking = threading.Thread(target=ask, name="distcnn-store-probe", daemon=True)
+    asking.start()
+    asking.join(seconds + PROBE_GRACE_S)  # (the client's own timeout ends it first: it retries after a refusal)
+    return asking.is_alive()

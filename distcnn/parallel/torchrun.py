@@ -11,7 +11,7 @@ from pathlib import Path
 from distcnn import ownership
 from distcnn.config import TrainConfig
 from distcnn.errors import RunInterrupted, WorkersFailed
-from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address
+from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address, silent_listener
 from distcnn.parallel.world import device_type
 from distcnn.record import STALLED
 
@@ -61,6 +61,8 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     stalled = Path(run_dir) / STALLED  # where a rank whose collective timed out names the rank that stopped
     stalled.unlink(missing_ok=True)
+    if config.rdzv_endpoint:
+        check_store(config, read_timeout(rdzv_conf))
     try:
         with own_addresses_only(one_machine=config.nnodes == 1):
             run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
@@ -73,6 +75,29 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
             stalled.unlink(missing_ok=True)
             raise WorkersFailed(1, line) from None
         raise workers_failed(error.failures, run_dir) from None
+
+
+READ_TIMEOUT_S = 60.0  # torch's c10d rendezvous: how long a store client waits for its store
+
+
+def read_timeout(rdzv_conf: str | None) -> float:
+    """The rendezvous read timeout torchrun is given (--rdzv-conf read_timeout=S), else torch's default."""
+    for item in (rdzv_conf or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "read_timeout" and value.strip():
+            return float(value)
+    return READ_TIMEOUT_S
+
+
+def check_store(config: TrainConfig, seconds: float) -> None:
+    """Something at the endpoint that accepts connections but never answers as a store would leave the launch
+    waiting without end (torch's store client has no timeout on its handshake): one line naming it, after the
+    read timeout, before torchrun starts. Where it can be seen on this machine, launch.validate refused it."""
+    host, _, port = config.rdzv_endpoint.rpartition(":")
+    if silent_listener(host.strip("[]"), int(port), seconds):
+        raise RunInterrupted(f"the rendezvous at {config.rdzv_endpoint} failed: something listens there but did "
+                             f"not answer as a rendezvous store within {seconds:g} s (another program on that "
+                             f"port?); choose a free port, or stop that program")
 
 
 def rendezvous_failed(config: TrainConfig, error: Exception) -> RunInterrupted:
