@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from distcnn import ownership
@@ -64,7 +66,7 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
     if config.rdzv_endpoint:
         check_store(config, read_timeout(rdzv_conf))
     try:
-        with own_addresses_only(one_machine=config.nnodes == 1):
+        with own_addresses_only(one_machine=config.nnodes == 1), cheap_event_names():
             run(parse_args(torchrun_args(config, run_dir, local_addr, rdzv_conf, worker)))
         stalled.unlink(missing_ok=True)  # (a restart went on after it: the summary lists the restart)
     except RendezvousError as error:  # the endpoint never answered, or the other machines never joined
@@ -75,6 +77,30 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
             stalled.unlink(missing_ok=True)
             raise WorkersFailed(1, line) from None
         raise workers_failed(error.failures, run_dir) from None
+
+
+@contextmanager
+def cheap_event_names():
+    """torch's dynamic rendezvous names each event it logs after the method that logged it, found by building
+    the whole stack with its source lines twice (inspect.stack): 0.6 s of CPU a launch on a 2-core machine, for
+    a name. While torchrun runs here, the same name comes from the frame itself. A torch without that function
+    keeps its own."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    def method_name(depth: int = 2) -> str:
+        try:
+            return sys._getframe(depth).f_code.co_name  # (frame 0: this function, as inspect.stack()[0] is)
+        except ValueError:
+            return "no_method_name"
+
+    saved = getattr(dynamic_rendezvous, "get_method_name", None)
+    if saved is not None:
+        dynamic_rendezvous.get_method_name = method_name
+    try:
+        yield
+    finally:
+        if saved is not None:
+            dynamic_rendezvous.get_method_name = saved
 
 
 READ_TIMEOUT_S = 60.0  # torch's c10d rendezvous: how long a store client waits for its store

@@ -81,7 +81,7 @@ class Trainer:
         self.outcome = outcome if outcome is not None else OneModel(config)
         self.criterion = self.outcome.criterion
         self.params = count_params(self.model)
-        # rank 0 alone writes the record; counting FLOPs imports torch._dynamo, 1.3 s of CPU the others spare
+        # rank 0 alone writes the record: the others spare the count (a forward and backward under a dispatch mode)
         self.flops_per_image = (train_flops_per_image(self.model, splits.channels, splits.image_size)
                                 if ranks.is_main else None)
         self.inputs = TrainInputs(splits, config, ranks, self.memory_format)
