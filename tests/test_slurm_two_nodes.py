@@ -77,6 +77,7 @@ def test_a_two_node_run_killed_on_one_node_is_recorded_with_slurms_state_and_ret
     assert "rank" in why or "error" in why.lower(), f"the job's own error, not a pointer to its log: {failure}"
     (run,) = known_runs(out)
     assert run["status"] == "done" and run["attempts"] == 2 and run["job_id"] == retry["job_id"] != first["job_id"]
+    assert run["job_state"] == "COMPLETED", "recorded as Slurm says it ended, not as it looked while winding down"
     run_dir = Path(run["run_dir"])
     with open(run_dir / "epochs.csv", newline="") as rows:
         epochs = [int(row["epoch"]) for row in csv.DictReader(rows)]

@@ -22,6 +22,7 @@ from distcnn.errors import UsageError
 from distcnn.study import job as run_job
 from distcnn.study import slurm
 
+SETTLE_S = 15.0  # how long a job whose result is written may still show as running before it is recorded
 TRACE_RULE = "----------------------\n"  # what submitit sets around a failed job's trace
 
 
@@ -123,9 +124,17 @@ class SlurmRuns:
             if state != active["state"]:
                 active["state"] = state
                 self.store.set_job_state(run_id, state)
-            if job.done():
+            if job.done() and self.settled(active, state):
                 del self.active[run_id]
                 self.end(active, state)
+
+    def settled(self, active: dict, state: str) -> bool:
+        """A job whose result is written is recorded once Slurm says how it ended (COMPLETED, FAILED,
+        NODE_FAIL ...), not with the RUNNING or COMPLETING Slurm still shows while its step winds down; after
+        SETTLE_S, or where Slurm cannot tell (UNKNOWN: no accounting), with what it says then."""
+        if state == "UNKNOWN" or state not in slurm.RUNNING_STATES:
+            return True
+        return time.perf_counter() - active.setdefault("done_at", time.perf_counter()) > SETTLE_S
 
     def end(self, active: dict, state: str) -> None:
         run, job = active["run"], active["job"]
