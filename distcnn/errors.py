@@ -48,6 +48,11 @@ class WorkersFailed(Exception):
         self.exit_code = exit_code
 
 
+class FailedAfterTheRun(WorkersFailed):
+    """A rank failed on its way out, after its run had finished: rank 0 writes the summary last, from what every
+    rank sent it, so nothing of the run is lost. Said as a warning; the run stands."""
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite. The run stopped at the end of that epoch with its summary.json
     written (`diverged: true`, `diverged_at`): it is finished, so nothing retries it. The CLI prints the one

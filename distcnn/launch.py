@@ -21,7 +21,8 @@ from distcnn.checkpoint import read_checkpoint
 from distcnn.config import OPTIMIZER_DEFAULTS, TrainConfig, make_config
 from distcnn.console import say
 from distcnn.data import DataSplits
-from distcnn.errors import CollectiveTimeout, RunInterrupted, TrainingDiverged, UsageError, WorkersFailed
+from distcnn.errors import (CollectiveTimeout, FailedAfterTheRun, RunInterrupted, TrainingDiverged, UsageError,
+                            WorkersFailed)
 from distcnn.models import check_input_size, create_model
 from distcnn.ownership import DirectoryLock, filesystem_problem
 from distcnn.parallel import checks, emulated, torchrun, world
@@ -185,6 +186,8 @@ def run(config: TrainConfig) -> dict | None:
                 torchrun.launch(config, record.dir)
             else:
                 train(config, record.dir)
+        except FailedAfterTheRun as warning:
+            say(f"warning: {warning}")
         except (UsageError, WorkersFailed) as error:
             # A mistake found only by the workers: leave nothing half-written behind.
             if created and not record.has_checkpoint and getattr(error, "exit_code", 2) == 2:

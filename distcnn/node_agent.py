@@ -15,7 +15,7 @@ from pathlib import Path
 
 from distcnn import ownership
 from distcnn.config import TrainConfig
-from distcnn.errors import UsageError, WorkersFailed
+from distcnn.errors import FailedAfterTheRun, UsageError, WorkersFailed
 from distcnn.parallel import torchrun
 from distcnn.record import RunRecord
 
@@ -32,6 +32,9 @@ def main(argv: list[str]) -> int:
     except UsageError as error:
         print(f"distcnn: error: {error}", file=sys.stderr)
         return UsageError.exit_code
+    except FailedAfterTheRun as warning:
+        print(f"warning on {address}: {warning}", file=sys.stderr)
+        return 0
     except WorkersFailed as error:
         print(f"distcnn: error on {address}: {error}", file=sys.stderr)
         return error.exit_code

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from distcnn import ownership
 from distcnn.config import TrainConfig
-from distcnn.errors import RunInterrupted, WorkersFailed
+from distcnn.errors import FailedAfterTheRun, RunInterrupted, WorkersFailed
 from distcnn.parallel.addresses import LOOPBACK, own_addresses_only, route_address, silent_listener
 from distcnn.parallel.world import device_type
-from distcnn.record import STALLED
+from distcnn.record import STALLED, RunRecord
 
 
 def needs_torchrun(config: TrainConfig) -> bool:
@@ -76,6 +76,10 @@ def launch(config: TrainConfig, run_dir: Path, local_addr: str | None = None, rd
             line = stalled.read_text(encoding="utf-8").strip()
             stalled.unlink(missing_ok=True)
             raise WorkersFailed(1, line) from None
+        if RunRecord(run_dir).finished:
+            message, exitcode = who_failed(error.failures)
+            raise FailedAfterTheRun(exitcode, f"{message} on its way out, after the run had finished; its record "
+                                              f"is complete") from None
         raise workers_failed(error.failures, run_dir) from None
 
 
@@ -138,9 +142,17 @@ def rendezvous_failed(config: TrainConfig, error: Exception) -> RunInterrupted:
 
 
 def workers_failed(failures: dict, run_dir: Path) -> WorkersFailed:
-    """The rank that failed first, how, and how to go on. torchrun stamps a failure when it notices it (to the
-    second) and lists the ranks it saw fail before those it then stopped (SIGTERM); of ranks seen failing at
-    once, a signal (a kill, a crash) comes before an exit code (often a rank that lost its peer)."""
+    """The rank that failed first, how, and how to go on."""
+    message, exitcode = who_failed(failures)
+    if exitcode == 2:
+        return WorkersFailed(2, f"{message}: the mistake it printed above")
+    return WorkersFailed(exitcode, f"{message}; continue the run with `distcnn train --out {run_dir} --resume`")
+
+
+def who_failed(failures: dict) -> tuple[str, int]:
+    """"rank R failed first (how), then ...", and its exit code. torchrun stamps a failure when it notices it
+    (to the second) and lists the ranks it saw fail before those it then stopped (SIGTERM); of ranks seen
+    failing at once, a signal (a kill, a crash) comes before an exit code (often a rank that lost its peer)."""
     order = list(failures.items())
     rank, first = order[min(range(len(order)), key=lambda i: (
         order[i][1].timestamp, order[i][1].exitcode == -signal.SIGTERM, order[i][1].exitcode >= 0, i))]
@@ -159,8 +171,4 @@ def workers_failed(failures: dict, run_dir: Path) -> WorkersFailed:
     others = ", ".join(f"rank{'s' if len(group) > 1 else ''} {', '.join(map(str, group[:4]))}"
                        f"{f' and {len(group) - 4} more' if len(group) > 4 else ''} ({ended})"
                        for ended, group in groups.items())
-    message = f"rank {rank} failed first ({how(first)})" + (f", then {others}" if others else "")
-    if first.exitcode == 2:
-        return WorkersFailed(2, f"{message}: the mistake it printed above")
-    return WorkersFailed(first.exitcode, f"{message}; continue the run with "
-                                           f"`distcnn train --out {run_dir} --resume`")
+    return f"rank {rank} failed first ({how(first)})" + (f", then {others}" if others else ""), first.exitcode
