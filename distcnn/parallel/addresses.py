@@ -10,7 +10,6 @@ import threading
 from contextlib import contextmanager
 
 LOOPBACK = "127.0.0.1"
-PROBE_GRACE_S = 10.0  # past a store client's own timeout: a client that got an answer, however wrong, is done
 
 
 def is_loopback(host: str) -> bool:
@@ -135,9 +134,9 @@ def is_rendezvous(cmdline: list[str]) -> bool:
 
 
 def silent_listener(host: str, port: int, seconds: float) -> bool:
-    """Whether something at host:port accepts connections but does not answer a rendezvous store's handshake
-    within `seconds` (another program on the port, which this machine cannot name: on another machine, or
-    another user's). A torch store client would wait for that answer without end: torch has no timeout there.
+    """Whether something at host:port accepts connections but does not answer as a rendezvous store within
+    `seconds` (another program on the port, which this machine cannot name: on another machine, or another
+    user's; silent, or answering in another protocol, which the client retries until its timeout). A torch store client would wait for that answer without end: torch has no timeout there.
     False when nothing listens there yet (torch's rendezvous waits for it, up to its read timeout, and says
     so), or when a store answers. The store client asks in a thread of its own, left behind when it hangs."""
     try:
@@ -156,5 +155,5 @@ def silent_listener(host: str, port: int, seconds: float) -> bool:
 
     asking = threading.Thread(target=ask, name="distcnn-store-probe", daemon=True)
     asking.start()
-    asking.join(seconds + PROBE_GRACE_S)  # (the client's own timeout ends it first: it retries after a refusal)
+    asking.join(seconds)  # (a client still asking then got no store's answer: none, or another program's)
     return asking.is_alive()
