@@ -216,3 +216,31 @@ def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_40_seconds(tmp_
     assert job.returncode == 1
     assert time.monotonic() - killed_at < 40, "15 s for the others to stop, a few to stop their idle agents"
     assert "the node agent on distcnn-h2 failed" in stderr
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_host_whose_ranks_fail_after_the_run_finished_leaves_no_agent_waiting(tmp_path, cluster_down,
+                                                                                  monkeypatch):
+    """Rank 1 aborts on its way out after the run's summary was written (seen in the suite): its agent says it as
+    a warning; the first host's agent, whose ranks ended well, waits in torchrun's exit barrier for it (300 s)
+    and is stopped after a moment: the finished run stands."""
+    import time
+
+    from distcnn import cluster
+    from distcnn.config import make_config
+    from distcnn.ownership import PARENT_ENV
+    from distcnn.parallel import emulated
+
+    cluster.up(2)
+    monkeypatch.setenv(PARENT_ENV, "1")
+    monkeypatch.setenv("ABORT_RANKS", "1")
+    monkeypatch.chdir(Path(__file__).parent)  # where the ranks find `python -m abort_worker`
+    run_dir = tmp_path / "run"
+    config = make_config({"cluster": "emulated", "nnodes": 2, "out": str(run_dir)})
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+    (run_dir / "summary.json").write_text("{}")
+    start = time.monotonic()
+    emulated.launch_emulated(config, run_dir, worker="abort_worker")  # raises nothing: the run stands
+    assert time.monotonic() - start < 60, "no agent waited out torchrun's 300 s exit barrier"

@@ -10,7 +10,7 @@ from distcnn import ownership
 from distcnn.config import TrainConfig
 from distcnn.errors import WorkersFailed
 from distcnn.parallel.torchrun import WORKER
-from distcnn.record import HOST_ENV
+from distcnn.record import HOST_ENV, RunRecord
 
 
 def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) -> None:
@@ -38,7 +38,10 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
             argv = [sys.executable, "-m", "distcnn.node_agent", str(run_dir), host.address, endpoint, rdzv_id,
                     "1" if i == 0 else "0", worker]
             agents.append((host, cluster.start_in(host, argv, env)))
-        deadline = None  # once an agent has failed, the others cannot finish: a moment to stop on their own
+        # once an agent has ended, the others end within moments: they finished too (torchrun's exit barrier),
+        # or cannot finish without it (it failed, or its ranks failed on their way out after the run): a moment
+        # to stop on their own, as no agent waits 300 s in the exit barrier for one that will not come
+        deadline = None
         while True:
             codes = [agent.poll() for _, agent in agents]  # every agent, each time (not any()'s first alive)
             if None not in codes or (deadline is not None and time.monotonic() >= deadline):
@@ -46,7 +49,8 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
             if first_failure is None:
                 first_failure = next(((host, code) for (host, _), code in zip(agents, codes)
                                       if code not in (None, 0)), None)
-                deadline = time.monotonic() + 15 if first_failure else None
+            if deadline is None and any(code is not None for code in codes):
+                deadline = time.monotonic() + 15
             time.sleep(0.2)
     finally:
         for _, agent in agents:
@@ -54,6 +58,8 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
                 agent.send_signal(signal.SIGTERM)
         for _, agent in agents:
             stop_agent(agent)
+    if first_failure is None and RunRecord(run_dir).finished:
+        return  # the agents the loop stopped were waiting for the others at torchrun's exit barrier
     failed = first_failure or next(((host, agent.returncode) for host, agent in agents if agent.returncode != 0),
                                    None)  # the agents the loop stopped, or one that failed as the last exited
     if failed:
