@@ -325,3 +325,15 @@ def test_a_rank_that_crashes_after_its_run_finished_is_a_warning_not_a_failed_ru
         torchrun.launch(config, tmp_path / "run", worker="abort_worker")
     assert "killed by SIGABRT" in str(warning.value) and "after the run had finished" in str(warning.value)
     assert "--resume" not in str(warning.value), "nothing to continue"
+
+
+def test_each_way_a_backend_words_a_collective_timeout_is_read_as_one():
+    """A stopped rank met in DDP's buffer broadcast (forward) reads "Application timeout caused pair closure"
+    from gloo, not the "Timed out waiting" of a receive: both are the timeout that names the stopped rank."""
+    from distcnn.parallel import world
+
+    for text in ("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv operation to complete",
+                 "RuntimeError: Application timeout caused pair closure",
+                 "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE)"):
+        assert world.is_timeout(RuntimeError(text)), text
+    assert not world.is_timeout(RuntimeError("Connection reset by peer")), "a peer that died is no timeout"

@@ -65,10 +65,14 @@ PRESENT, WAITED = "distcnn/rank/", "distcnn/waited/"  # store keys: each rank's 
 _MEETING = None  # the store this rank's process group met in (torchrun's, or the one env:// made)
 
 
+TIMEOUT_SIGNS = ("Timed out waiting",  # gloo, a receive that waited its whole timeout
+                 "Application timeout caused pair closure",  # gloo, a pair whose operation timed out (a broadcast)
+                 "Watchdog caught collective operation timeout")  # NCCL's watchdog
+
+
 def is_timeout(error: BaseException) -> bool:
-    """A collective that waited its whole timeout for a peer (gloo: "Timed out waiting"; NCCL's watchdog)."""
-    text = str(error)
-    return "Timed out waiting" in text or "Watchdog caught collective operation timeout" in text
+    """A collective that waited its whole timeout for a peer, as the backend words it (TIMEOUT_SIGNS)."""
+    return any(sign in str(error) for sign in TIMEOUT_SIGNS)
 
 
 def stopped_ranks(ranks: Ranks, grace: float = 1.0) -> dict[int, str]:
