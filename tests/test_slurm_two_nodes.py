@@ -6,7 +6,6 @@ reason, where the machine cannot run the cluster (it needs root)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 
 from helpers import write_study
 from test_study_slurm import known_runs, start_study, wait_for
+
+from distcnn.record import RunRecord
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +42,7 @@ poll_seconds = 0.5
 
 
 def epochs_done(run_dir: Path) -> int:
-    try:
-        with open(run_dir / "epochs.csv", newline="") as rows:
-            return sum(1 for _ in csv.DictReader(rows))
-    except OSError:
-        return 0
+    return len(RunRecord(run_dir).read_epochs())
 
 
 def test_a_two_node_run_killed_on_one_node_is_recorded_with_slurms_state_and_retried(two_node_slurm, tmp_path):
@@ -79,8 +76,7 @@ def test_a_two_node_run_killed_on_one_node_is_recorded_with_slurms_state_and_ret
     assert run["status"] == "done" and run["attempts"] == 2 and run["job_id"] == retry["job_id"] != first["job_id"]
     assert run["job_state"] == "COMPLETED", "recorded as Slurm says it ended, not as it looked while winding down"
     run_dir = Path(run["run_dir"])
-    with open(run_dir / "epochs.csv", newline="") as rows:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(rows)]
+    epochs = [row["epoch"] for row in RunRecord(run_dir).read_epochs()]
     assert epochs == list(range(1, EPOCHS + 1)), "every epoch recorded once"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["resumed_at_epochs"] and \

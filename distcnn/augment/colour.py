@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
 from distcnn.augment.ops import Kind, strength
 
 

@@ -136,7 +136,8 @@ def is_rendezvous(cmdline: list[str]) -> bool:
 def silent_listener(host: str, port: int, seconds: float) -> bool:
     """Whether something at host:port accepts connections but does not answer as a rendezvous store within
     `seconds` (another program on the port, which this machine cannot name: on another machine, or another
-    user's; silent, or answering in another protocol, which the client retries until its timeout). A torch store client would wait for that answer without end: torch has no timeout there.
+    user's; silent, or answering in another protocol, which the client retries until its timeout). A torch
+    store client would wait for that answer without end: torch has no timeout there.
     False when nothing listens there yet (torch's rendezvous waits for it, up to its read timeout, and says
     so), or when a store answers. The store client asks in a thread of its own, left behind when it hangs."""
     try:

@@ -157,8 +157,9 @@ def _first_line(error) -> str:
     the exception's own line, the trace's last, `module.Name: message` as `Name: message`, not the traceback
     or submitit's pointers to the logs. Any other (sbatch's refusal): the last line that names an error."""
     parts = str(error or "").split(TRACE_RULE)
-    lines = [line.strip() for line in parts[len(parts) >= 3].splitlines() if line.strip()]
-    if len(parts) >= 3 and lines:
+    traced = len(parts) >= 3
+    lines = [line.strip() for line in (parts[1] if traced else parts[0]).splitlines() if line.strip()]
+    if traced and lines:
         return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1])
     named = [line for line in lines if "Error:" in line or "error:" in line]
     return (named or lines or ["no output"])[-1]
