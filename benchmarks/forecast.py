@@ -7,13 +7,16 @@
 2. Profile each (model, batch) on one rank, one thread, on this machine (distcnn.forecast.profile).
 3. Score: train each configuration for real on the 2 emulated hosts (one rank, one thread each), measure its
    steady step (epoch 2 of 2), and set it beside the forecast for it. None of these runs is fitted to.
+   Steps 2 and 3 are repeated in rounds (--repeats): this shared 2-core machine slows down now and then for a
+   few seconds, which moves one run by up to 30 %, so each configuration's median forecast is scored against
+   its median measured step, and the table shows how far its runs spread.
 Regimes: compute-bound (fast links), bandwidth-bound (capped links, large gradients), latency-bound (many small
 messages: tiny buckets, PowerSGD's three allreduces per bucket; this kernel has no netem for added delay).
 Then the bucket cap the model recommends is trained against DDP's default 25 MB.
 
 Needs root (network namespaces); brings its own cluster up and takes it down.
 
-    .venv/bin/python benchmarks/forecast.py [--steps 10] [--quick] [--write-validation]
+    .venv/bin/python benchmarks/forecast.py [--steps 16] [--repeats 3] [--quick] [--write-validation]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ CONFIGS = [
 ]
 QUICK = [0, 5, 9, 12, 13]
 # the calibration's reference run, which its compute factor is fitted on: no scored configuration is it
-REFERENCE = ["--model", "simplecnn", "--batch-size", "96", "--data", "synthetic:n=4000,test=64"]
+REFERENCE = ["--model", "simplecnn", "--batch-size", "96", "--data", "synthetic:n=8000,test=64"]
 
 
 def data(batch: int, steps: int) -> str:
@@ -82,7 +85,9 @@ def train(out: Path, name: str, batch: int, rate: str, hook: str, cap: float | N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="steps per rank per epoch")
+    parser.add_argument("--steps", type=int, default=16, help="steps per rank per epoch")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of profile and run per configuration (their medians are scored)")
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations only")
     parser.add_argument("--keep", default="runs/forecast-benchmark", help="where the runs are kept (replaced)")
     parser.add_argument("--write-validation", action="store_true",
@@ -100,62 +105,94 @@ def main() -> None:
         folder = ROOT / args.keep
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        if True:
-            profile_path = Path(folder) / "link.json"
-            rates = sorted({rate for _, _, rate, *_ in configs}, key=RATES.index)
-            calibrate = subprocess.run(
-                [sys.executable, "-m", "distcnn", "forecast", "--calibrate", "--cluster", "emulated", "--nnodes",
-                 "2", "--bandwidth", ",".join(rates), "--link-profile", str(profile_path), *REFERENCE],
-                cwd=ROOT, capture_output=True, text=True)
-            if calibrate.returncode != 0:
-                raise SystemExit(f"calibration failed:\n{calibrate.stderr[-2000:]}")
-            link_profile = links.read(profile_path)
-            calibration = Table(title="calibration (fitted to; not scored): allreduce on 2 emulated hosts")
-            for column in ("link", "α ms", "B_eff Mbit/s", "share of rate", "hop ms", "slowdown ns/B",
-                           "points"):
-                calibration.add_column(column, justify="right")
-            for entry in link_profile.entries:
-                calibration.add_row(links.format_rate(entry.rate_bits), f"{entry.alpha_s * 1e3:.3f}",
-                                    f"{entry.bytes_per_s * 8 / 1e6:,.1f}",
-                                    f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
-                                    f"{entry.slowdown_s_per_byte * 1e9:.3f}", str(len(entry.points)))
-            console.print(calibration)
-            reference = link_profile.reference or {}
-            console.print(f"compute factor {link_profile.compute_factor:.3f}, fitted on the reference run "
-                          f"({' '.join(REFERENCE)}, 2 hosts, {links.format_rate(reference.get('rate_bits'))}): "
-                          f"step measured {reference.get('measured_step_seconds', 0) * 1e3:.1f} ms, "
-                          f"{reference.get('predicted_step_seconds_at_1', 0) * 1e3:.1f} ms forecast at factor 1")
+        link_profile = calibrate(console, folder, configs)
+        rounds = []
+        for round_ in range(args.repeats):  # each round profiles and trains every configuration once more
             profiles: dict[tuple, model.Profile] = {}
-            results = []
-            for i, (name, batch, rate, hook, cap, regime) in enumerate(configs):
-                key = (name, batch)
-                if key not in profiles:
-                    config = make_config({"model": name, "batch_size": batch, "data": data(batch, args.steps),
-                                          "threads": 1, "val_fraction": 0.1})
-                    profiles[key] = profile(config, threads=1, quiet=True, alongside=1).profile  # the other host
-                bits = parse_bandwidth(rate)
-                link, how = link_profile.link(bits, 0.0)
-                predicted = model.step(profiles[key], link, 2, hook, cap)
-                record = train(Path(folder) / f"run{i}", name, batch, rate, hook, cap, args.steps)
-                measured = sources.measured_step(record)
-                results.append({"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap,
-                                "regime": regime, "predicted": predicted.seconds, "measured": measured,
-                                "compute": predicted.compute_seconds, "exposed": predicted.exposed_comm_share,
-                                "buckets": predicted.buckets, "how": how,
-                                "error": (predicted.seconds - measured) / measured})
-                phases = sources.steady_phases(record)
-                last = record.read_epochs()[-1]
-                console.print(f"  {name} b{batch} {rate} {hook} cap {cap}: predicted "
-                              f"{predicted.seconds * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms "
-                              f"({results[-1]['error']:+.1%}); profile fwd/bwd/opt "
-                              + "/".join(f"{profiles[key].phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
-                              + ", run " + "/".join(f"{phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
-                              + f", DDP comm {float(last.get('ddp_comm_mean_s') or 0) * 1e3:.1f} ms, "
-                              f"{last.get('comm_calls_per_step')} calls/step, {predicted.buckets} buckets forecast")
-            cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps)
+            rounds.append([score(console, folder / f"round{round_}", i, row, profiles, link_profile, args.steps)
+                           for i, row in enumerate(configs)])
+        cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps)
     finally:
         cluster.down()
-    report(console, results, cap_rows, started, args)
+    report(console, merge(rounds), cap_rows, started, args)
+
+
+def calibrate(console: Console, folder: Path, configs: list) -> links.LinkProfile:
+    """`distcnn forecast --calibrate` at every rate the configurations use, and its table."""
+    profile_path = folder / "link.json"
+    rates = sorted({rate for _, _, rate, *_ in configs}, key=RATES.index)
+    done = subprocess.run(
+        [sys.executable, "-m", "distcnn", "forecast", "--calibrate", "--cluster", "emulated", "--nnodes",
+         "2", "--bandwidth", ",".join(rates), "--link-profile", str(profile_path), *REFERENCE],
+        cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"calibration failed:\n{done.stderr[-2000:]}")
+    link_profile = links.read(profile_path)
+    calibration = Table(title="calibration (fitted to; not scored): allreduce on 2 emulated hosts")
+    for column in ("link", "α ms", "B_eff Mbit/s", "share of rate", "hop ms", "slowdown ns/B",
+                   "slowdown ms/message", "burst KiB", "points"):
+        calibration.add_column(column, justify="right")
+    for entry in link_profile.entries:
+        calibration.add_row(links.format_rate(entry.rate_bits), f"{entry.alpha_s * 1e3:.3f}",
+                            f"{entry.bytes_per_s * 8 / 1e6:,.1f}",
+                            f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
+                            f"{entry.slowdown_s_per_byte * 1e9:.3f}", f"{entry.slowdown_s_per_message * 1e3:.3f}",
+                            f"{entry.burst_bytes / 1024:.0f}", str(len(entry.points)))
+    console.print(calibration)
+    reference = link_profile.reference or {}
+    console.print(f"compute factor {link_profile.compute_factor:.3f}, fitted on the reference run "
+                  f"({' '.join(REFERENCE)}, 2 hosts, {links.format_rate(reference.get('rate_bits'))}): "
+                  f"step measured {reference.get('measured_step_seconds', 0) * 1e3:.1f} ms, "
+                  f"{reference.get('predicted_step_seconds_at_1', 0) * 1e3:.1f} ms forecast at factor 1")
+    return link_profile
+
+
+def score(console: Console, folder: Path, i: int, row: tuple, profiles: dict, link_profile, steps: int) -> dict:
+    """One configuration: its profile (once a round per model and batch), its forecast, its real run."""
+    name, batch, rate, hook, cap, regime = row
+    key = (name, batch)
+    folder.mkdir(parents=True, exist_ok=True)
+    if key not in profiles:
+        config = make_config({"model": name, "batch_size": batch, "data": data(batch, steps), "threads": 1,
+                              "val_fraction": 0.1})
+        profiles[key] = profile(config, threads=1, quiet=True, alongside=1).profile  # the other host
+        keep_profile(folder / f"profile-{name}-{batch}.json", profiles[key])
+    link, how = link_profile.link(parse_bandwidth(rate), 0.0)
+    predicted = model.step(profiles[key], link, 2, hook, cap)
+    record = train(folder / f"run{i}", name, batch, rate, hook, cap, steps)
+    measured = sources.measured_step(record)
+    phases = sources.steady_phases(record)
+    last = record.read_epochs()[-1]
+    console.print(f"  {name} b{batch} {rate} {hook} cap {cap}: predicted {predicted.seconds * 1e3:.1f} ms, "
+                  f"measured {measured * 1e3:.1f} ms ({predicted.seconds / measured - 1:+.1%}); profile fwd/bwd/opt "
+                  + "/".join(f"{profiles[key].phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
+                  + ", run " + "/".join(f"{phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
+                  + f", DDP comm {float(last.get('ddp_comm_mean_s') or 0) * 1e3:.1f} ms, "
+                  f"{last.get('comm_calls_per_step')} calls/step, {predicted.buckets} buckets forecast")
+    return {"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap, "regime": regime,
+            "predicted": predicted.seconds, "measured": measured, "compute": predicted.compute_seconds,
+            "exposed": predicted.exposed_comm_share, "buckets": predicted.buckets, "how": how}
+
+
+def merge(rounds: list[list[dict]]) -> list[dict]:
+    """Each configuration's median forecast and median measured step over the rounds, and how far its rounds'
+    measured steps spread (max − min over the median): what this machine's noise alone does to one run."""
+    merged = []
+    for rows in zip(*rounds):
+        measured = [row["measured"] for row in rows]
+        row = rows[0] | {"predicted": statistics.median(row["predicted"] for row in rows),
+                         "measured": statistics.median(measured), "rounds": len(rows)}
+        row["spread"] = (max(measured) - min(measured)) / row["measured"]
+        row["error"] = (row["predicted"] - row["measured"]) / row["measured"]
+        merged.append(row)
+    return merged
+
+
+def keep_profile(path: Path, profiled: model.Profile) -> None:
+    """The profile beside the runs, so that the forecast can be scored again without training again."""
+    import dataclasses
+
+    path.write_text(json.dumps(dataclasses.asdict(profiled)) + "\n")
 
 
 CAP_CHECKS = [("resnet18", 32, "1gbit"), ("deepcnn", 32, "100mbit"), ("mobilenetv3_small_050", 32, "100mbit")]
@@ -180,15 +217,15 @@ def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]
 
 def report(console: Console, results: list[dict], cap_rows: list[dict], started: float, args) -> None:
     table = Table(title="held apart (scored; no run here was fitted to): 2 emulated hosts × 1 rank × 1 thread, "
-                        f"step = mean of epoch 2 ({args.steps} steps/rank)")
+                        f"step = mean of epoch 2 ({args.steps} steps/rank); median of {args.repeats} rounds")
     for column in ("regime", "model", "batch", "link", "hook", "cap MB", "buckets", "compute ms", "predicted ms",
-                   "measured ms", "error", "exposed comm (forecast)"):
+                   "measured ms", "error", "runs' spread", "exposed comm (forecast)"):
         table.add_column(column, justify="left" if column in ("regime", "model", "link", "hook") else "right")
     for row in results:
         table.add_row(row["regime"], row["model"], str(row["batch"]), row["link"], row["hook"],
                       "default" if row["cap"] is None else f"{row['cap']:g}", str(row["buckets"]),
                       f"{row['compute'] * 1e3:.1f}", f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}",
-                      f"{row['error']:+.1%}", f"{row['exposed']:.0%}")
+                      f"{row['error']:+.1%}", f"{row['spread']:.0%}", f"{row['exposed']:.0%}")
     console.print(table)
     summary = Table(title="absolute error of the step time, held-apart configurations")
     for column in ("regime", "configurations", "median", "worst"):

@@ -103,6 +103,48 @@ def test_compute_slowdown_stretches_backward_by_the_bytes_sent():
     assert slow.seconds == pytest.approx(0.01 + 0.3 + 0.1 + 0.005, rel=1e-4)  # 1e6 bytes x 1e-7 s
 
 
+def test_a_shapers_bucket_sends_the_first_bytes_after_a_pause_at_the_line_rate():
+    # one 1 MB bucket per step at 1 MB/s after 0.3 s of backward: the shaper's 100 kB bucket refills during the
+    # step's 0.315 s of compute (0.315 MB at 1 MB/s, capped at 100 kB), so 100 kB of each message go at the line
+    profile = hand_made([(1_000_000, 0.3)])
+    plain = Link(bytes_per_s=1e6)
+    shaped = Link(bytes_per_s=1e6, burst_bytes=100_000, line_bytes_per_s=1e8)
+    assert model.step(profile, plain, 2).seconds == pytest.approx(0.315 + 1.0)
+    assert model.step(profile, shaped, 2).seconds == pytest.approx(0.315 + 0.9 + 100_000 / 1e8)
+    # a bucket the size of the burst goes at the line rate; back-to-back messages leave no time to refill
+    small = hand_made([(100_000, 0.3)])
+    assert model.step(small, shaped, 2).seconds == pytest.approx(0.315 + 100_000 / 1e8)
+    chained = hand_made([(100_000, 0.3), (100_000, 0.3)])
+    assert model.step(chained, shaped, 2, cap_mb=0.05).seconds == pytest.approx(0.315 + 0.001 + 0.1)
+    assert shaped.allreduce(1_000_000, 2) == plain.allreduce(1_000_000, 2)  # no tokens given: the rate
+
+
+def test_a_message_begun_while_backward_computes_slows_it():
+    # five tiny buckets (a 1 KiB cap: one gradient each), ready every 2 ms of a 10 ms backward; α is 2 hops of
+    # 2 ms on 2 ranks, so they queue: 2 -> 6 -> 10 -> 14 -> 18 -> 22 ms
+    profile = hand_made([(2000, 0.002 * (i + 1)) for i in range(5)], forward=0.0, backward=0.01, optimizer=0.0)
+    plain = Link(bytes_per_s=1e12, hop_s=0.002)
+    assert model.step(profile, plain, 2, cap_mb=0.001).seconds == pytest.approx(0.002 + 5 * 0.004)
+    # each message begun before backward ends costs it 1 ms of compute: the two begun at 2 and 6 ms stretch it
+    # to 12 ms, so the third (now at 10.4 ms) begins before its end too; three stretch it to 13 ms, where the
+    # schedule settles: ready times x 1.3, the first message at 2.6 ms, then five of 4 ms back to back
+    slowed = Link(bytes_per_s=1e12, hop_s=0.002, slowdown_s_per_message=0.001)
+    assert model.step(profile, slowed, 2, cap_mb=0.001).seconds == pytest.approx(0.0026 + 5 * 0.004)
+
+
+def test_the_ranks_wait_for_the_slowest_one_at_every_step():
+    profile = hand_made([(1_000, 0.3)], step_stdev_s=0.01)
+    fast = Link(bytes_per_s=1e12)
+    assert model.step(profile, fast, 1).seconds == pytest.approx(0.315)  # one rank waits for nobody
+    two, sixteen = model.step(profile, fast, 2).seconds, model.step(profile, fast, 16).seconds
+    assert two == pytest.approx(0.315 + 0.01 * model.slowest_of(2), rel=1e-6)
+    # the expected largest of n standard normals: 0.56 for 2, 1.03 for 4, 1.77 for 16 (tables); Blom's
+    # approximation is within 0.03 of each
+    for n, expected in ((2, 0.5642), (4, 1.0294), (16, 1.7660)):
+        assert model.slowest_of(n) == pytest.approx(expected, abs=0.03)
+    assert sixteen > two and model.slowest_of(1) == 0.0
+
+
 def test_the_recommended_cap_is_never_slower_than_the_default():
     profile = hand_made([(2 * MB, 0.05 * i) for i in range(1, 7)])
     link = Link(bytes_per_s=2 * MB / 0.04)
@@ -141,6 +183,21 @@ def test_a_calibration_fit_recovers_alpha_and_bandwidth(tmp_path):
     link, how = back.link(1e8, 0.001)  # another rate: the 1gbit share, 40 %, and the hop from α = 2 hops
     assert link.bytes_per_s == pytest.approx(0.4 * 1e8 / 8) and link.hop_s == pytest.approx(0.0004)
     assert link.latency_s == 0.001 and "share of the 1gbit" in how
+    assert link.burst_bytes == 0.0 and link.line_bytes_per_s == math.inf  # no shaper recorded, none uncapped
+
+
+def test_a_shapers_bucket_is_read_from_the_hosts_caps_and_kept_in_the_link_profile(tmp_path):
+    assert links.shaper_burst("tbf rate 10Mbit burst 64Kb lat 100ms") == 65536
+    assert links.shaper_burst("tbf rate 1Gbit burst 500000b lat 100ms; netem delay 1ms") == 500_000
+    assert links.shaper_burst("tbf rate 1Gbit burst 4Mb lat 100ms") == 4 * MB
+    assert links.shaper_burst("netem delay 1ms") == links.shaper_burst("none") == 0.0
+    capped = links.Calibrated(1e7, 0.0, 1e-3, 1.1e6, 1e-9, 2, [[4096, 5e-3]], None, 65536)
+    uncapped = links.Calibrated(None, 0.0, 1e-3, 3e8, 1e-9, 2, [[4096, 1e-3]])
+    links.LinkProfile("emulated", "gloo", "inter", ["h1", "h2"], [capped, uncapped], "").write(tmp_path / "l.json")
+    back = links.read(tmp_path / "l.json")
+    shaped, _ = back.link(1e7, 0.0)
+    assert shaped.burst_bytes == 65536 and shaped.line_bytes_per_s == 3e8  # tokens go at the uncapped B_eff
+    assert back.link(None, 0.0)[0].burst_bytes == 0.0  # no shaper on an uncapped link
 
 
 def test_bad_forecast_input_is_one_line(tmp_path, capsys):

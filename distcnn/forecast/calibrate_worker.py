@@ -8,7 +8,8 @@ devices. It measures, with the backend training would use:
   `repeats` passes after the warm-up, per size;
 - PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices;
 - the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of
-  `max_bytes`: compute seconds lost per byte the rank sent meanwhile.
+  `max_bytes`: compute seconds lost per byte the rank sent meanwhile; and while it sends allreduces of 4 KiB:
+  compute seconds lost per message beyond its bytes.
 Rank 0 writes DIR/calibration.json.
 """
 
@@ -141,18 +142,30 @@ def compute_loop(device: torch.device, iterations: int) -> float:
 
 
 def slowdown(device: torch.device, max_bytes: int) -> dict:
-    """Compute seconds lost per byte sent while an allreduce runs beside the compute loop."""
+    """Compute seconds lost per byte sent while allreduces of `max_bytes` run beside the compute loop, and per
+    message while allreduces of the smallest size do (what a message costs the CPU beyond its bytes)."""
     ranks = parallel_ranks(device)
     iterations = 4
     while compute_loop(device, iterations) < 0.05:
         iterations *= 2
     iterations = int(world.all_reduce_max(float(iterations), ranks))
     alone = statistics.median(compute_loop(device, iterations) for _ in range(3))
-    buffer = torch.ones(max_bytes // 4, device=device)
     n = dist.get_world_size()
-    sent_per_call = 2 * (n - 1) / n * buffer.numel() * 4
-    one = time_allreduce(buffer, 1, device)  # the same (the slowest rank's) on every rank: the same count
-    calls, done = min(50, max(2, round(COMM_SECONDS / max(one, 1e-6)))), threading.Event()
+    large = lost_beside(device, max_bytes, iterations, alone, max_calls=50)
+    per_byte = world.all_reduce_max(large["lost_s"] / (large["calls"] * 2 * (n - 1) / n * max_bytes), ranks)
+    small = lost_beside(device, SMALLEST, iterations, alone, max_calls=400)
+    per_message = (small["lost_s"] - per_byte * small["calls"] * 2 * (n - 1) / n * SMALLEST) / small["calls"]
+    per_message = world.all_reduce_max(max(0.0, per_message), ranks)
+    return {"slowdown_s_per_byte": per_byte, "slowdown_s_per_message": per_message, "compute_alone_s": alone,
+            "loops": large["loops"], "calls": large["calls"], "elapsed_s": large["elapsed_s"]}
+
+
+def lost_beside(device: torch.device, size: int, iterations: int, alone: float, max_calls: int) -> dict:
+    """Compute seconds the loop loses while another thread sends allreduces of `size` bytes for about
+    COMM_SECONDS (every rank the same number of calls)."""
+    buffer = torch.ones(size // 4, device=device)
+    one = time_allreduce(buffer, 3, device)  # the same (the slowest rank's) on every rank: the same count
+    calls, done = min(max_calls, max(2, round(COMM_SECONDS / max(one, 1e-6)))), threading.Event()
 
     def communicate():
         for _ in range(calls):
@@ -171,9 +184,7 @@ def slowdown(device: torch.device, max_bytes: int) -> dict:
     thread.join()
     elapsed = time.perf_counter() - start
     lost = max(0.0, elapsed - loops * alone)  # beyond what those loops take alone
-    per_byte = world.all_reduce_max(lost / (calls * sent_per_call), ranks)
-    return {"slowdown_s_per_byte": per_byte, "compute_alone_s": alone, "loops": loops, "calls": calls,
-            "elapsed_s": elapsed}
+    return {"lost_s": lost, "calls": calls, "loops": loops, "elapsed_s": elapsed}
 
 
 def main(argv: list[str]) -> int:

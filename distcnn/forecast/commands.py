@@ -222,10 +222,11 @@ def refit(entries: list, world: int) -> list:
 
 
 REFERENCE_STEPS = 12  # steps per rank per epoch of the reference run
+REFERENCE_EPOCHS = 4  # the first is warm-up; the step is the mean of the other three (one epoch was too noisy)
 
 
 def fit_compute_factor(config: TrainConfig, request: Request, profile: links.LinkProfile) -> links.LinkProfile:
-    """Train the calibration's own configuration for real on these ranks (two short epochs, over the fastest
+    """Train the calibration's own configuration for real on these ranks (four short epochs, over the fastest
     calibrated link), profile it on one rank, and find the compute factor with which the model's step equals
     the measured one. The configuration is the user's: keep it apart from those a forecast is judged on."""
     from dataclasses import replace
@@ -240,11 +241,11 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
     try:
         images = int(world * config.batch_size * REFERENCE_STEPS / (1 - config.val_fraction)) + world
         reference = config.model_copy(update={
-            "epochs": 2, "train_subset": images, "out": str(folder / "run"), "resume": False, "comm_hook": "allreduce",
-            "telemetry": "on", "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
+            "epochs": REFERENCE_EPOCHS, "train_subset": images, "out": str(folder / "run"), "resume": False,
+            "comm_hook": "allreduce", "telemetry": "on", "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
             if config.cluster == "emulated" else None, "delay": None, "name": "reference"})
         say(f"reference run: {config.model}, batch {config.batch_size}, {world} ranks over "
-            f"{links.format_rate(fastest.rate_bits)}, 2 epochs of {REFERENCE_STEPS} steps")
+            f"{links.format_rate(fastest.rate_bits)}, {REFERENCE_EPOCHS} epochs of {REFERENCE_STEPS} steps")
         run(reference)
         measured = measured_step(RunRecord(folder / "run"))
         request.ranks_per_node = config.nproc_per_node
@@ -297,11 +298,16 @@ def calibrate_rate(config, request: Request, folder: Path, rate: float | None, l
         torchrun.launch(run_config, folder, worker=worker)
     measured = json.loads((folder / "calibration.json").read_text())
     alpha, effective = fit(measured["points"], world)
+    burst = 0.0
+    if emulated_cluster and rate:  # the shaper the hosts had: its bucket, as tc shows it
+        hosts_caps = json.loads((folder / "cluster.json").read_text()).get("hosts") or [{}]
+        burst = links.shaper_burst(hosts_caps[0].get("caps", ""))
     share = f", {effective * 8 / rate:.0%} of the rate" if rate else ""
     say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share}, compute slowdown "
         f"{measured['slowdown_s_per_byte'] * 1e9:.3f} ns per byte sent")
     return measured, Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,
-                                measured["points"], measured["powersgd_bucket_s"])
+                                measured["points"], measured["powersgd_bucket_s"], burst,
+                                measured.get("slowdown_s_per_message", 0.0))
 
 
 def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:

@@ -11,6 +11,11 @@ runs beside it. Fitted from those points, by least squares on t = α + 2(n−1)/
                      bucket ÷ its three allreduces (their bytes are a few KiB)
     slowdown_s_per_byte  compute seconds lost per byte a rank sends while it computes (the fastest link's
                      calibration: where the most bytes were sent, the best measured; a property of the hosts)
+    slowdown_s_per_message  compute seconds lost per message sent beside it, beyond its bytes: the loop beside
+                     4 KiB allreduces (the fastest link's)
+    burst_bytes      the rate shaper's token bucket, read from the hosts' qdisc (tc tbf's burst) on the
+                     emulated cluster; 0 on real machines, whose links have no shaper distcnn can see. Bytes
+                     it covers go at the uncapped calibration's B_eff
 
     compute_factor   a run's compute on these ranks ÷ what its one-rank profile measured: fitted on a short
                      reference run of the calibration's own configuration (its model, batch, one epoch after
@@ -48,6 +53,8 @@ class Calibrated:
     ranks: int
     points: list  # [[bytes, seconds], ...]: the medians the fit used
     powersgd_bucket_s: float | None = None  # one PowerSGD bucket's chain of three allreduces, measured
+    burst_bytes: float = 0.0  # the rate shaper's bucket as the hosts' qdisc has it (emulated caps); 0: none
+    slowdown_s_per_message: float = 0.0  # compute seconds lost per message sent beside it, beyond its bytes
 
     @property
     def hop_s(self) -> float:
@@ -96,8 +103,9 @@ class LinkProfile:
     def as_dict(self) -> dict:
         return {"format": FORMAT, "kind": self.kind, "backend": self.backend, "scope": self.scope,
                 "hosts": self.hosts, "compute_factor": self.compute_factor, "reference": self.reference,
-                "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s, "share": entry.share}
-                                                 for entry in self.entries]}
+                "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s,
+                                              "share": entry.share}
+                            for entry in self.entries]}
 
     def write(self, path: Path) -> None:
         from distcnn.record import write_json
@@ -128,14 +136,23 @@ class LinkProfile:
             effective = entry.share * rate_bits / 8
             how = "calibrated" if entry.rate_bits == rate_bits else \
                 f"share of the {format_rate(entry.rate_bits)} calibration"
+        uncapped = [other.bytes_per_s for other in self.entries if other.rate_bits is None]
+        burst = entry.burst_bytes if rate_bits is not None else 0.0
         return Link(effective, latency_s, entry.hop_s, self.slowdown_s_per_byte, self.compute_factor,
-                    entry.chain_hop_s), how
+                    entry.chain_hop_s, burst, uncapped[0] if uncapped else math.inf,
+                    self.fastest.slowdown_s_per_message), how
+
+    @property
+    def fastest(self) -> Calibrated:
+        """The calibration of the fastest link: where the hosts' own costs (per message, per byte of CPU) are
+        measured best, since the rate slows nothing there."""
+        return max(self.entries, key=lambda entry: entry.bytes_per_s)
 
     @property
     def slowdown_s_per_byte(self) -> float:
         """The CPU a byte sent costs is the hosts' (reductions, copies, the network stack), not the link's: taken
         from the calibration that sent the most bytes (the fastest link), where it is measured best."""
-        return max(self.entries, key=lambda entry: entry.bytes_per_s).slowdown_s_per_byte
+        return self.fastest.slowdown_s_per_byte
 
 
 def uncalibrated(rate_bits: float | None, latency_s: float) -> tuple[Link, str]:
@@ -162,12 +179,24 @@ def read(path: str | Path) -> LinkProfile:
     try:
         entries = [Calibrated(entry["rate_bits"], entry["latency_s"], entry["alpha_s"], entry["bytes_per_s"],
                               entry["slowdown_s_per_byte"], entry["ranks"], entry["points"],
-                              entry.get("powersgd_bucket_s"))
+                              entry.get("powersgd_bucket_s"), float(entry.get("burst_bytes") or 0.0),
+                              float(entry.get("slowdown_s_per_message") or 0.0))
                    for entry in data["entries"]]
         return LinkProfile(data["kind"], data["backend"], data["scope"], data["hosts"], entries, str(path),
                            float(data.get("compute_factor", 1.0)), data.get("reference"))
     except (KeyError, TypeError) as error:
         raise UsageError(f"--link-profile {path}: damaged (missing {error}); calibrate again") from None
+
+
+def shaper_burst(caps: str) -> float:
+    """The token bucket of a tbf qdisc as `tc qdisc show` words it ("tbf rate 10Mbit burst 64Kb lat 100ms":
+    bytes, with tc's Kb and Mb of 1024), 0 when the caps have none."""
+    import re
+
+    found = re.search(r"\bburst (\d+(?:\.\d+)?)(Mb|Kb|b)\b", caps or "")
+    if not found:
+        return 0.0
+    return float(found.group(1)) * {"Mb": 2**20, "Kb": 2**10, "b": 1}[found.group(2)]
 
 
 def check_matches(profile: LinkProfile, kind: str, backend: str) -> None:

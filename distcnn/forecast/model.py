@@ -5,10 +5,14 @@
     bucket i         starts at max(ready_i, end_{i−1}), ends start + Σ allreduce(message) of its hook
     step             = data + augmentation + forward + broadcast(buffers)
                        + max(backward end, last bucket's end) + optimizer + the hook's own compute
+                       + σ · E[max of n standard normals]     the ranks wait for the slowest at every step
+    tokens           a rate shaper's bucket (tc tbf's burst), refilled at B_eff while the link is idle: the
+                     first bytes of a message after a pause go at the line rate
 
 `ready_i` is when the last gradient of bucket i is ready in the profiled backward pass, stretched by the
-compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends: on a
-CPU the collective's reductions and the network stack take cores). Ranks that share a machine compete for its cores,
+compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends, and
+`slowdown_per_message` per message begun before backward ends: on a CPU the collective's reductions, its
+threads and the network stack take cores). Ranks that share a machine compete for its cores,
 caches and memory bandwidth: the profile is timed with as many processes training beside it
 (distcnn.forecast.alongside), so its phases already carry that. What a run of n ranks adds to its compute
 beyond that (the collective's threads, the launcher's agents, the trainer's own bookkeeping, waiting for the
@@ -76,6 +80,7 @@ class Profile:
     hook_compute: dict[str, float] = field(default_factory=dict)  # a hook's own compute per step (s), measured
     train_images: int | None = None  # an epoch's images (for epoch and whole-training times)
     eval_seconds: float | None = None  # one rank's validation pass over the whole validation split
+    step_stdev_s: float = 0.0  # the spread of its steps (standard deviation): what the slowest of n ranks adds
 
     @property
     def compute_seconds(self) -> float:
@@ -93,15 +98,22 @@ class Link:
     slowdown_s_per_byte: float = 0.0
     compute_factor: float = 1.0  # a run's compute on n ranks ÷ the profile's, fitted on a reference run
     chain_hop_s: float | None = None  # hop of an allreduce issued from a future's callback (PowerSGD's chain)
+    burst_bytes: float = 0.0  # a rate shaper's token bucket (tc tbf's burst): bytes sent at line rate after idle
+    line_bytes_per_s: float = math.inf  # how fast those go: the link's uncapped B_eff (inf: not measured)
+    slowdown_s_per_message: float = 0.0  # compute seconds lost per message sent while computing
 
     def alpha(self, n: int, chained: bool = False) -> float:
         hop = self.chain_hop_s if chained and self.chain_hop_s is not None else self.hop_s
         return 2 * (n - 1) * (hop + self.latency_s)
 
-    def allreduce(self, size: float, n: int, chained: bool = False) -> float:
+    def allreduce(self, size: float, n: int, chained: bool = False, tokens: float = 0.0) -> float:
+        """Seconds of a ring allreduce of `size` bytes; the first `tokens` bytes a rank sends (a shaper's bucket,
+        refilled while the link was idle) go at the line rate."""
         if n <= 1:
             return 0.0
-        return self.alpha(n, chained) + 2 * (n - 1) / n * size / self.bytes_per_s
+        wire = 2 * (n - 1) / n * size
+        covered = min(tokens, wire)
+        return self.alpha(n, chained) + (wire - covered) / self.bytes_per_s + covered / self.line_bytes_per_s
 
     def broadcast(self, size: float, n: int) -> float:
         if n <= 1 or size <= 0:
@@ -180,21 +192,63 @@ def step(profile: Profile, link: Link, n: int, hook: str = "allreduce", cap_mb: 
     sent = [messages(bucket, hook, powersgd_rank) for bucket in groups]
     wire = sum(2 * (n - 1) / n * size for sizes in sent for size in sizes)
     backward = phases.get("backward", 0.0)
-    stretch = 1 + (link.slowdown_s_per_byte * wire / backward if backward else 0.0)
-    blocking = hook == "powersgd" and blocking_powersgd
-    free = held = comm = 0.0  # when the collective is free; compute held back by blocking chains
-    for bucket, sizes in zip(groups, sent):
-        ready = max(g.ready_s for g in bucket) * factor * stretch + held  # as measured, stretched alike
-        start = max(ready, free)
-        took = sum(link.allreduce(size, n, chained=hook == "powersgd") for size in sizes)
-        free, comm = start + took, comm + took
-        if blocking:
-            held += free - ready
-    backward_end = backward * stretch + held
     forward = phases.get("forward", 0.0) + link.broadcast(profile.buffer_bytes, n)
-    rest = compute - backward - phases.get("forward", 0.0)
-    seconds = rest + forward + max(backward_end, free) + profile.hook_compute.get(hook, 0.0)
+    rest = (compute - backward - phases.get("forward", 0.0) + profile.hook_compute.get(hook, 0.0)
+            + profile.step_stdev_s * factor * slowest_of(n))
+    schedule = _Schedule(link, n, hook, hook == "powersgd" and blocking_powersgd)
+    # What a pass of the schedule finds feeds the next: the messages sent while backward still computes
+    # stretch it; a shaper's bucket refills while the link is idle between steps. The steps repeat, so the
+    # schedule is worked out again from where the last one left off until it settles.
+    tokens, last_end, overlapped = link.burst_bytes, -math.inf, 0  # the bucket full after a long idle
+    settle = link.burst_bytes > 0 or link.slowdown_s_per_message > 0
+    for _ in range(4 if settle else 1):
+        lost = link.slowdown_s_per_byte * wire + link.slowdown_s_per_message * overlapped
+        stretch = 1 + (lost / backward if backward else 0.0)
+        free, comm, held, tokens, overlapped = schedule.run(groups, sent, factor * stretch, backward * stretch,
+                                                            tokens, last_end)
+        seconds = rest + forward + max(backward * stretch + held, free)
+        last_end = free - seconds  # the step before ended its last message one step earlier
     return Step(seconds, compute, comm, wire, len(groups))
+
+
+def slowest_of(n: int) -> float:
+    """How many standard deviations the slowest of n ranks' steps is above their mean, expected (normal steps;
+    Blom's approximation of the largest of n order statistics: 0.59 for 2, 1.04 for 4, 1.77 for 16). The
+    ranks meet at every step's collectives, so each step takes as long as its slowest rank's."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf((n - 0.375) / (n + 0.25)) if n > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Buckets sent one after another over a link, each from when it is ready or the last one is done."""
+
+    link: Link
+    n: int
+    hook: str
+    blocking: bool  # a PowerSGD chain that holds backward back while it runs (gloo)
+
+    def run(self, groups: list[list[Gradient]], sent: list[list[float]], scale: float, backward: float,
+            tokens: float, last_end: float) -> tuple[float, float, float, float, int]:
+        """(when the last bucket is done, seconds of communication, compute held back, tokens left, messages
+        begun while backward computed), times from the start of backward; `scale` stretches the profiled
+        ready times as the run's compute is, `backward` its length."""
+        link, ring = self.link, 2 * (self.n - 1) / self.n
+        free = held = comm = 0.0  # when the collective is free; compute held back by blocking chains
+        overlapped = 0
+        for bucket, sizes in zip(groups, sent):
+            ready = max(g.ready_s for g in bucket) * scale + held  # as measured, stretched alike
+            start = took = max(ready, free)
+            for size in sizes:
+                overlapped += took < backward + held  # begun while backward computes
+                tokens = min(link.burst_bytes, tokens + (took - last_end) * link.bytes_per_s)
+                took += link.allreduce(size, self.n, self.hook == "powersgd", tokens)
+                tokens, last_end = tokens - min(tokens, ring * size), took
+            free, comm = took, comm + took - start
+            if self.blocking:
+                held += free - ready
+        return free, comm, held, tokens, overlapped
 
 
 def best_cap(profile: Profile, link: Link, n: int, hook: str, powersgd_rank: int = 1,

@@ -103,14 +103,14 @@ def _profile(config: TrainConfig, ranks: Ranks, threads: int, started: float, qu
         gradients=gradients, batch_size=config.batch_size,
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         hook_compute={hook: run["hook_seconds"] - main["hook_seconds"] for hook, run in runs.items()},
-        train_images=len(splits.train), eval_seconds=eval_seconds)
+        train_images=len(splits.train), eval_seconds=eval_seconds,
+        step_stdev_s=statistics.pstdev(sum(s.values()) for s in main["phases"]))
     meta = {"source": "profile", "model": config.model, "batch_size": config.batch_size, "threads": threads,
             "device": str(ranks.device), "precision": config.precision, "bucket_cap_mb": config.bucket_cap_mb,
             "steps": {hook: run["steps"] for hook, run in runs.items()},
             "warmup_seconds": main["warmup_seconds"],
             "counted_bytes_per_step": {hook: run["bytes_per_step"] for hook, run in runs.items()},
             "step_seconds_measured": statistics.fmean(sum(s.values()) for s in main["phases"]),
-            "step_seconds_stdev": statistics.pstdev(sum(s.values()) for s in main["phases"]),
             "profile_seconds": time.perf_counter() - started, "eval_seconds_estimated": True}
     return Profiled(prof, meta)
 

@@ -3,7 +3,8 @@ measured side of `--check RUN_DIR` (a finished multi-rank run against what the m
 
 A run's steady state is its epochs after the first (their mean step and phases, from epochs.csv); a run of one
 epoch uses its phases scaled to its steady median step (summary step_seconds_steady), so warm-up is left out
-either way. The gradients and their ready times come from the run's gradients.json (one timed backward pass).
+either way. The spread of its steps comes from each epoch's median and 95th percentile. The gradients and
+their ready times come from the run's gradients.json (one timed backward pass).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def steady_phases(record: RunRecord) -> dict[str, float]:
     return phases
 
 
+def step_spread(record: RunRecord) -> float:
+    """The standard deviation of a run's steady steps, estimated from each epoch's median and 95th percentile
+    (epochs.csv keeps those, not every step): (p95 − median) / 1.645, as for normal steps."""
+    rows = [row for row in record.read_epochs() if row.get("step_p95_s") and row.get("step_median_s")]
+    later = rows[1:] or rows
+    spreads = [max(0.0, row["step_p95_s"] - row["step_median_s"]) / 1.645 for row in later]
+    return sum(spreads) / len(spreads) if spreads else 0.0
+
+
 def measured_step(record: RunRecord) -> float:
     return sum(steady_phases(record).values())
 
@@ -68,7 +78,7 @@ def profile_from_run(run_dir: str | Path) -> tuple[Profile, dict]:
         batch_size=config["batch_size"], buffer_bytes=gradients.get("buffer_bytes", 0),
         train_images=summary.get("train_images"),
         eval_seconds=(summary["eval_seconds"] / summary["epochs_run"]) if summary.get("eval_seconds") and
-        summary.get("epochs_run") else None)
+        summary.get("epochs_run") else None, step_stdev_s=step_spread(record))
     meta = {"source": f"run {record.dir}", "model": config["model"], "batch_size": config["batch_size"],
             "bucket_cap_mb": config.get("bucket_cap_mb"), "warmup_seconds": summary.get("warmup_seconds"),
             "hook_compute_measured": False}
