@@ -17,6 +17,7 @@ Then the bucket cap the model recommends is trained against DDP's default 25 MB.
 Needs root (network namespaces); brings its own cluster up and takes it down.
 
     .venv/bin/python benchmarks/forecast.py [--steps 16] [--repeats 3] [--quick] [--write-validation]
+    .venv/bin/python benchmarks/forecast.py --rescore [--write-validation]   # the kept runs, the model as it is
 """
 
 from __future__ import annotations
@@ -92,7 +93,14 @@ def main() -> None:
     parser.add_argument("--keep", default="runs/forecast-benchmark", help="where the runs are kept (replaced)")
     parser.add_argument("--write-validation", action="store_true",
                         help=f"store the errors in {VALIDATION.relative_to(ROOT)} for the forecast's output")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the kept calibration, profiles and runs again with the model as it is now "
+                             "(trains nothing)")
     args = parser.parse_args()
+    if args.rescore:
+        started = time.perf_counter()
+        report(Console(width=190), merge(rescore(ROOT / args.keep)), [], started, args)
+        return
     try:
         cluster.require_privileges()
     except Exception as error:  # noqa: BLE001 — the one line the CLI would print
@@ -195,6 +203,36 @@ def keep_profile(path: Path, profiled: model.Profile) -> None:
     path.write_text(json.dumps(dataclasses.asdict(profiled)) + "\n")
 
 
+def kept_profile(path: Path) -> model.Profile:
+    kept = json.loads(path.read_text())
+    kept["gradients"] = tuple(model.Gradient(tuple(g["shape"]), g["element_size"], g["ready_s"])
+                              for g in kept["gradients"])
+    return model.Profile(**kept)
+
+
+def rescore(folder: Path) -> list[list[dict]]:
+    """Every kept round's forecasts made again from its kept profiles and the kept link profile, beside the
+    steps its runs measured."""
+    if not (folder / "link.json").exists():
+        raise SystemExit(f"forecast benchmark: nothing kept in {folder} to score again (run it first)")
+    link_profile = links.read(folder / "link.json")
+    rounds = []
+    for kept in sorted(folder.glob("round*")):
+        rows = []
+        for i, (name, batch, rate, hook, cap, regime) in enumerate(CONFIGS):
+            record = RunRecord(kept / f"run{i}")
+            if not record.finished:
+                continue
+            link, how = link_profile.link(parse_bandwidth(rate), 0.0)
+            predicted = model.step(kept_profile(kept / f"profile-{name}-{batch}.json"), link, 2, hook, cap)
+            rows.append({"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap, "regime": regime,
+                         "predicted": predicted.seconds, "measured": sources.measured_step(record),
+                         "compute": predicted.compute_seconds, "exposed": predicted.exposed_comm_share,
+                         "buckets": predicted.buckets, "how": how})
+        rounds.append(rows)
+    return rounds
+
+
 CAP_CHECKS = [("resnet18", 32, "1gbit"), ("deepcnn", 32, "100mbit"), ("mobilenetv3_small_050", 32, "100mbit")]
 
 
@@ -217,7 +255,8 @@ def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]
 
 def report(console: Console, results: list[dict], cap_rows: list[dict], started: float, args) -> None:
     table = Table(title="held apart (scored; no run here was fitted to): 2 emulated hosts × 1 rank × 1 thread, "
-                        f"step = mean of epoch 2 ({args.steps} steps/rank); median of {args.repeats} rounds")
+                        f"step = mean of epoch 2 ({args.steps} steps/rank); median of {results[0]['rounds']} "
+                        "rounds")
     for column in ("regime", "model", "batch", "link", "hook", "cap MB", "buckets", "compute ms", "predicted ms",
                    "measured ms", "error", "runs' spread", "exposed comm (forecast)"):
         table.add_column(column, justify="left" if column in ("regime", "model", "link", "hook") else "right")

@@ -106,30 +106,19 @@ def test_half_precision_hooks_hand_over_half_the_gradient_bytes(tmp_path, hook):
 
 
 @pytest.mark.slow
-def test_powersgd_hands_over_less_after_its_first_uncompressed_step(tmp_path):
+def test_powersgd_hands_over_less_after_its_first_uncompressed_step_in_each_of_several_buckets(tmp_path):
+    """With several DDP buckets, torch's PowerSGD issues collectives from callback threads in an order that
+    differs between ranks, and gloo aborts (size mismatch) unless the buckets go one at a time: 50 kB buckets
+    give simplecnn's gradients several, as resnet18's 45 MB fill several of DDP's default 25 MB."""
     out = tmp_path / "powersgd"
-    summary = two_rank_run(out, "--comm-hook", "powersgd")
+    summary = two_rank_run(out, "--comm-hook", "powersgd", "--bucket-cap-mb", "0.05")
     grads = gradient_bytes_of_simplecnn()
-    first, second = (int(r["comm_bytes"]) / (2 * int(r["steps"])) for r in epochs(out))
+    rows = epochs(out)
+    first, second = (int(r["comm_bytes"]) / (2 * int(r["steps"])) for r in rows)
+    assert float(rows[1]["comm_calls_per_step"]) >= 3 * 3, "three allreduces per bucket, in three buckets or more"
     assert second < grads / 4, "compressed: low-rank factors instead of whole gradients"
     assert second < first < grads, "epoch 1 holds the uncompressed first step"
     assert summary["test_accuracy"] > 0.2
-
-
-@pytest.mark.slow
-def test_powersgd_on_gloo_survives_a_model_of_several_buckets(tmp_path):
-    """resnet18's 45 MB of gradients fill several DDP buckets; torch's PowerSGD then issues collectives from
-    callback threads in an order that differs between ranks, and gloo aborts (size mismatch) unless the
-    buckets go one at a time."""
-    out = tmp_path / "resnet"
-    result = run_cli("train", "--data", "synthetic:n=300,test=64", "--model", "resnet18", "--nproc-per-node", "2",
-                     "--epochs", "2", "--batch-size", "16", "--comm-hook", "powersgd", "--out", str(out),
-                     timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    grads = read_summary(out)["gradient_bytes"]
-    assert grads > 40e6
-    first, second = (int(r["comm_bytes"]) / (2 * int(r["steps"])) for r in epochs(out))
-    assert second < grads / 50 < first, "compressed after the first step, in every bucket"
 
 
 def one_rank_config(tmp_path, **options):

@@ -233,6 +233,7 @@ def test_a_host_whose_ranks_fail_after_the_run_finished_leaves_no_agent_waiting(
     from distcnn.parallel import emulated
 
     cluster.up(2)
+    monkeypatch.setattr(emulated, "AGENTS_SETTLE_S", 3.0)  # what the wait is for, not how long it is: sooner
     monkeypatch.setenv(PARENT_ENV, "1")
     monkeypatch.setenv("ABORT_RANKS", "1")
     monkeypatch.chdir(Path(__file__).parent)  # where the ranks find `python -m abort_worker`

@@ -305,7 +305,7 @@ def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_l
         assert 0.25 < fitted["compute_factor"] < 4 and fitted["reference"]["model"] == "lenet"
         out = tmp_path / "run"
         job = run_cli("train", "--cluster", "emulated", "--nnodes", "2", "--bandwidth", "1gbit", "--model",
-                      "simplecnn", "--data", "synthetic:n=1000,test=64", "--epochs", "2", "--batch-size", "32",
+                      "lenet", "--data", "synthetic:n=1000,test=64", "--epochs", "2", "--batch-size", "16",
                       "--out", str(out), timeout=300)
         assert job.returncode == 0, job.stderr[-3000:]
         checked = run_cli("forecast", "--check", str(out), "--link-profile", str(link_file), "--json",

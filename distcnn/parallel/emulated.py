@@ -12,6 +12,8 @@ from distcnn.errors import WorkersFailed
 from distcnn.parallel.torchrun import WORKER
 from distcnn.record import HOST_ENV, RunRecord
 
+AGENTS_SETTLE_S = 15.0  # once a node agent has ended, how long the others get to end on their own
+
 
 def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) -> None:
     """One torchrun node agent inside each emulated host, meeting at a c10d rendezvous on the first host's
@@ -50,7 +52,7 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
                 first_failure = next(((host, code) for (host, _), code in zip(agents, codes)
                                       if code not in (None, 0)), None)
             if deadline is None and any(code is not None for code in codes):
-                deadline = time.monotonic() + 15
+                deadline = time.monotonic() + AGENTS_SETTLE_S
             time.sleep(0.2)
     finally:
         for _, agent in agents:
