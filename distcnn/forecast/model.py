@@ -241,7 +241,7 @@ class _Schedule:
             ready = max(g.ready_s for g in bucket) * scale + held  # as measured, stretched alike
             start = took = max(ready, free)
             for size in sizes:
-                overlapped += took < backward + held  # begun while backward computes
+                overlapped += not self.blocking and took < backward + held  # begun while backward computes
                 tokens = min(link.burst_bytes, tokens + (took - last_end) * link.bytes_per_s)
                 took += link.allreduce(size, self.n, self.hook == "powersgd", tokens)
                 tokens, last_end = tokens - min(tokens, ring * size), took
