@@ -129,7 +129,9 @@ def test_an_interrupted_study_runs_the_interrupted_run_again_and_no_finished_one
 @pytest.mark.slow
 def test_a_study_killed_midway_resumes_and_records_every_run_exactly_once(tmp_path):
     """A real study process killed (SIGKILL) in its third run; run again, the killed run resumes its own record."""
-    slow = TINY.replace("epochs = 1", "epochs = 3").replace("synthetic:n=300", "synthetic:n=800")
+    # one thread a run: with one core of two kept busy by other work, a run's two OpenMP threads wait for each
+    # other at every operator and a 3-epoch run took 4.6 to 50 s (the whole test 110 s instead of 12)
+    slow = TINY.replace("epochs = 1", "epochs = 3\nthreads = 1").replace("synthetic:n=300", "synthetic:n=800")
     spec_file = write_study(tmp_path, slow.replace("replicates = 2", "replicates = 1"))
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "distcnn", "study", str(spec_file), "--out", str(out), "--no-report"]
