@@ -106,7 +106,8 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 — the one line the CLI would print
         raise SystemExit(f"forecast benchmark: {error}")
     console = Console(width=190)
-    configs = [CONFIGS[i] for i in QUICK] if args.quick else CONFIGS
+    chosen = QUICK if args.quick else range(len(CONFIGS))  # run{i} is CONFIGS[i], as --rescore reads it back
+    configs = [CONFIGS[i] for i in chosen]
     started = time.perf_counter()
     cluster.up(2)
     try:
@@ -117,8 +118,8 @@ def main() -> None:
         rounds = []
         for round_ in range(args.repeats):  # each round profiles and trains every configuration once more
             profiles: dict[tuple, model.Profile] = {}
-            rounds.append([score(console, folder / f"round{round_}", i, row, profiles, link_profile, args.steps)
-                           for i, row in enumerate(configs)])
+            rounds.append([score(console, folder / f"round{round_}", i, profiles, link_profile, args.steps)
+                           for i in chosen])
         cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps)
     finally:
         cluster.down()
@@ -155,9 +156,9 @@ def calibrate(console: Console, folder: Path, configs: list) -> links.LinkProfil
     return link_profile
 
 
-def score(console: Console, folder: Path, i: int, row: tuple, profiles: dict, link_profile, steps: int) -> dict:
-    """One configuration: its profile (once a round per model and batch), its forecast, its real run."""
-    name, batch, rate, hook, cap, regime = row
+def score(console: Console, folder: Path, i: int, profiles: dict, link_profile, steps: int) -> dict:
+    """Configuration i: its profile (once a round per model and batch), its forecast, its real run."""
+    name, batch, rate, hook, cap, _ = CONFIGS[i]
     key = (name, batch)
     folder.mkdir(parents=True, exist_ok=True)
     if key not in profiles:
@@ -165,18 +166,25 @@ def score(console: Console, folder: Path, i: int, row: tuple, profiles: dict, li
                               "val_fraction": 0.1})
         profiles[key] = profile(config, threads=1, quiet=True, alongside=1).profile  # the other host
         keep_profile(folder / f"profile-{name}-{batch}.json", profiles[key])
-    link, how = link_profile.link(parse_bandwidth(rate), 0.0)
-    predicted = model.step(profiles[key], link, 2, hook, cap)
     record = train(folder / f"run{i}", name, batch, rate, hook, cap, steps)
-    measured = sources.measured_step(record)
+    row = scored(CONFIGS[i], profiles[key], link_profile, sources.measured_step(record))
     phases = sources.steady_phases(record)
     last = record.read_epochs()[-1]
-    console.print(f"  {name} b{batch} {rate} {hook} cap {cap}: predicted {predicted.seconds * 1e3:.1f} ms, "
-                  f"measured {measured * 1e3:.1f} ms ({predicted.seconds / measured - 1:+.1%}); profile fwd/bwd/opt "
+    console.print(f"  {name} b{batch} {rate} {hook} cap {cap}: predicted {row['predicted'] * 1e3:.1f} ms, "
+                  f"measured {row['measured'] * 1e3:.1f} ms ({row['predicted'] / row['measured'] - 1:+.1%}); "
+                  "profile fwd/bwd/opt "
                   + "/".join(f"{profiles[key].phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
                   + ", run " + "/".join(f"{phases[p] * 1e3:.1f}" for p in ("forward", "backward", "optimizer"))
                   + f", DDP comm {float(last.get('ddp_comm_mean_s') or 0) * 1e3:.1f} ms, "
-                  f"{last.get('comm_calls_per_step')} calls/step, {predicted.buckets} buckets forecast")
+                  f"{last.get('comm_calls_per_step')} calls/step, {row['buckets']} buckets forecast")
+    return row
+
+
+def scored(config: tuple, prof: model.Profile, link_profile: links.LinkProfile, measured: float) -> dict:
+    """A configuration's forecast from its profile over the calibrated link, beside the step its run measured."""
+    name, batch, rate, hook, cap, regime = config
+    link, how = link_profile.link(parse_bandwidth(rate), 0.0)
+    predicted = model.step(prof, link, 2, hook, cap)
     return {"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap, "regime": regime,
             "predicted": predicted.seconds, "measured": measured, "compute": predicted.compute_seconds,
             "exposed": predicted.exposed_comm_share, "buckets": predicted.buckets, "how": how}
@@ -219,16 +227,13 @@ def rescore(folder: Path) -> list[list[dict]]:
     rounds = []
     for kept in sorted(folder.glob("round*")):
         rows = []
-        for i, (name, batch, rate, hook, cap, regime) in enumerate(CONFIGS):
+        for i, config in enumerate(CONFIGS):
             record = RunRecord(kept / f"run{i}")
             if not record.finished:
                 continue
-            link, how = link_profile.link(parse_bandwidth(rate), 0.0)
-            predicted = model.step(kept_profile(kept / f"profile-{name}-{batch}.json"), link, 2, hook, cap)
-            rows.append({"model": name, "batch": batch, "link": rate, "hook": hook, "cap": cap, "regime": regime,
-                         "predicted": predicted.seconds, "measured": sources.measured_step(record),
-                         "compute": predicted.compute_seconds, "exposed": predicted.exposed_comm_share,
-                         "buckets": predicted.buckets, "how": how})
+            name, batch = config[:2]
+            rows.append(scored(config, kept_profile(kept / f"profile-{name}-{batch}.json"), link_profile,
+                               sources.measured_step(record)))
         rounds.append(rows)
     return rounds
 

@@ -242,7 +242,8 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
         images = int(world * config.batch_size * REFERENCE_STEPS / (1 - config.val_fraction)) + world
         reference = config.model_copy(update={
             "epochs": REFERENCE_EPOCHS, "train_subset": images, "out": str(folder / "run"), "resume": False,
-            "comm_hook": "allreduce", "telemetry": "on", "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
+            "comm_hook": "allreduce", "telemetry": "on",
+            "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
             if config.cluster == "emulated" else None, "delay": None, "name": "reference"})
         say(f"reference run: {config.model}, batch {config.batch_size}, {world} ranks over "
             f"{links.format_rate(fastest.rate_bits)}, {REFERENCE_EPOCHS} epochs of {REFERENCE_STEPS} steps")
