@@ -143,13 +143,16 @@ class SlurmRuns:
         if self.runner.record_from_disk(run, seconds):
             return
         # The job's own error where its function raised (submitit pickled it), else the end of its log.
-        why = _first_line(job.exception()) if _has_result(job) else slurm.log_tail(job)
+        errors = [error for task in _written(job) if (error := task.exception()) is not None]
+        why = _first_line(errors[0]) if errors else slurm.log_tail(job)
         self.runner.record_failure(run, f"Slurm job {job.job_id} {state}: {why}", seconds)
 
 
-def _has_result(job) -> bool:
+def _written(job) -> list:
+    """The job's tasks that wrote their result. Only those are asked for their error: submitit waits 15 s for
+    the result of a task that never wrote one, and a task on a node that died never does."""
     tasks = getattr(job, "_sub_jobs", None) or [job]
-    return any(task.paths.result_pickle.exists() for task in tasks)
+    return [task for task in tasks if task.paths.result_pickle.exists()]
 
 
 def _first_line(error) -> str:
