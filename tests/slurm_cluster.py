@@ -30,8 +30,10 @@ result. So the fixture puts its own `sacct` first on the PATH of `SlurmCluster.e
 controller's memory (`squeue --states=all`, which still lists finished jobs for MinJobAge = 1 h) in sacct's
 format: `-o/--format` with the columns below, `-P/--parsable2`, `-p/--parsable`, `-n/--noheader`,
 `-j/--jobs` (repeatable, comma lists), `-X` (ignored: steps are never listed). Array tasks come out as
-`<id>_<task>`, a pending array rest as `<id>_[2-3]`, like sacct. States are Slurm's JobState (PENDING,
-RUNNING, COMPLETING, COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED, ...);
+`<id>_<task>`, a pending array rest as `<id>_[2-3]`, like sacct. States are the controller's JobState as
+`scontrol show job` prints it (PENDING, RUNNING, COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL,
+OUT_OF_MEMORY, PREEMPTED, ...): the state a job ended in, as accounting records it, never the COMPLETING
+that squeue shows while a dead node's part of the job is still being cleaned up (sacct has no such state);
 unlike sacct, a cancelled job reads `CANCELLED`, not `CANCELLED by <uid>` (compare the first word). A job
 the controller does not know prints no line, as sacct does. On a real cluster, sacct answers itself.
 """
@@ -57,7 +59,8 @@ PREFIX = "distcnn-"  # the emulated cluster's namespaces (distcnn/cluster.py)
 PARTITION = "debug"
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-# sacct column -> squeue --Format field (squeue -O), for the stand-in; ExitCode comes from scontrol
+# sacct column -> squeue --Format field (squeue -O), for the stand-in; ExitCode comes from scontrol, and so
+# does State where scontrol knows the job (squeue reads COMPLETING while a job's failed node is cleaned up)
 SACCT_COLUMNS = {
     "jobid": "JobArrayID", "jobidraw": "JobID", "jobname": "Name", "state": "State", "nodelist": "NodeList",
     "partition": "Partition", "exitcode": None, "start": "StartTime", "end": "EndTime",
@@ -405,11 +408,12 @@ def sacct(argv: list[str]) -> int:
     # one query per job: squeue fails on the whole list when one id is unknown
     for job in dict.fromkeys(j.split("_")[0].split(".")[0] for j in jobs) if jobs else [None]:
         select = ["--jobs", job] if job else []
-        exit_codes = {}
-        if None in fields:  # squeue has no exit code; scontrol lists every array task of the job
+        from_scontrol: dict[str | None, dict[str, str]] = {None: {}, "State": {}}
+        if None in fields or "State" in fields:  # scontrol lists every array task of the job
             out = subprocess.run(["scontrol", "show", "job", "-o", *(select[1:])], capture_output=True,
                                  text=True).stdout
-            exit_codes = dict(re.findall(r"^JobId=(\d+) .*?\bExitCode=(\S+)", out, re.M))
+            from_scontrol[None] = dict(re.findall(r"^JobId=(\d+) .*?\bExitCode=(\S+)", out, re.M))
+            from_scontrol["State"] = dict(re.findall(r"^JobId=(\d+) .*?\bJobState=(\S+)", out, re.M))
         # the raw job id rides last, to look up the exit code
         spec = ",".join(f"{f or 'JobID'}:|" for f in fields) + ",JobID:|"
         result = subprocess.run(["squeue", "--noheader", "--states=all", "-O", spec, *select],
@@ -417,7 +421,8 @@ def sacct(argv: list[str]) -> int:
         for line in result.stdout.splitlines() if result.returncode == 0 else []:
             values = [v.strip() for v in line.split("|")][: len(fields) + 1]
             raw_id = values.pop()
-            values = [exit_codes.get(raw_id, "") if f is None else v for f, v in zip(fields, values)]
+            values = [from_scontrol[f].get(raw_id, "" if f is None else v) if f in from_scontrol else v
+                      for f, v in zip(fields, values)]
             if values not in rows:
                 rows.append(values)
     end = "|" if trailing else ""
