@@ -35,11 +35,11 @@ slurm-cluster-down:
 demo: setup data
 	$(PY) -m distcnn study $(STUDY)
 
-test: setup data slurm
-	$(PY) -m pytest -q
+test: setup data slurm  # on TEST_WORKERS (2) pytest workers, then the tests marked `alone` by themselves
+	PY=$(PY) bash scripts/pytest-phases.sh
 
 test-fast: setup data slurm
-	$(PY) -m pytest -q -m "not slow"
+	PY=$(PY) bash scripts/pytest-phases.sh "not slow"
 
 bench: setup data
 	$(PY) benchmarks/throughput.py

@@ -3,7 +3,11 @@ setting every process of the suite shares."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 # Before torch loads (here and in every process the tests start): OpenMP threads that wait for each other sleep
 # instead of spinning. With one core of two kept busy by other work, a run of two threads spun at every operator
@@ -13,6 +17,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 from helpers import TWO_RANKS, read_summary, run_cli, run_study, written_report  # noqa: E402
+
+# What this machine has only one of: the emulated cluster (its hosts' namespaces and bridge). A test that
+# brings it up (marked `emulated_cluster`, or through the two_node_slurm fixture) holds this lock while it
+# runs: a test on another pytest-xdist worker (`make test` runs two), or in another pytest on this machine,
+# that needs the cluster waits for it. (Tests marked `alone` measure what every process shares: `make test`
+# runs them after the others, by themselves.)
+EMULATED_CLUSTER_LOCK = Path(tempfile.gettempdir()) / "distcnn-tests-emulated-cluster.lock"
+
+
+@contextlib.contextmanager
+def emulated_cluster_held():
+    with open(EMULATED_CLUSTER_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+@pytest.fixture(autouse=True)
+def one_emulated_cluster_at_a_time(request):
+    if request.node.get_closest_marker("emulated_cluster") is None:
+        yield
+        return
+    with emulated_cluster_held():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +90,6 @@ def two_node_slurm(tmp_path_factory):
     `.start_node(node)` and the one-node cluster's `.env`, `.run(...)`. Module-scoped: the emulated cluster is
     this machine's one, so the hosts come up and go down with the module. Skips with the reason where the
     machine cannot run it."""
-    import os
     import shutil
 
     from slurm_cluster import ClusterUnavailable, start_cluster
@@ -73,18 +99,19 @@ def two_node_slurm(tmp_path_factory):
 
     if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
         pytest.skip("the two-node Slurm cluster runs on the emulated hosts: it needs root and iproute2")
-    try:
-        hosts = cluster.up(2)
-    except UsageError as reason:
-        pytest.skip(f"no emulated hosts for the two-node Slurm cluster: {reason}")
-    try:
+    with emulated_cluster_held():  # the emulated cluster is this machine's one
         try:
-            slurm = start_cluster(tmp_path_factory.mktemp("slurm2"), hosts=hosts)
-        except ClusterUnavailable as reason:
-            pytest.skip(f"no two-node Slurm cluster: {reason}")
+            hosts = cluster.up(2)
+        except UsageError as reason:
+            pytest.skip(f"no emulated hosts for the two-node Slurm cluster: {reason}")
         try:
-            yield slurm
+            try:
+                slurm = start_cluster(tmp_path_factory.mktemp("slurm2"), hosts=hosts)
+            except ClusterUnavailable as reason:
+                pytest.skip(f"no two-node Slurm cluster: {reason}")
+            try:
+                yield slurm
+            finally:
+                slurm.stop()
         finally:
-            slurm.stop()
-    finally:
-        cluster.down()
+            cluster.down()

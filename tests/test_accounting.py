@@ -73,6 +73,7 @@ def test_each_rank_has_an_increasing_series_with_cpu_use_while_training(allreduc
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # the loopback's counters count every process's traffic: nothing else may talk over it
 def test_two_local_ranks_talk_over_loopback_at_least_the_ring_bytes(allreduce_run):
     """Gloo's allreduce of N = 2 ranks sends each rank's whole buffer once (half reduce-scatter, half
     all-gather): the loopback interface must carry at least that, and not much more than headers add."""

@@ -18,6 +18,7 @@ import pytest
 
 from helpers import read_summary, run_cli, usage_error
 
+pytestmark = pytest.mark.emulated_cluster
 CAN_BUILD = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
 needs_root = pytest.mark.skipif(not CAN_BUILD, reason="the emulated cluster needs root and iproute2 (ip, tc)")
 

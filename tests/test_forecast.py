@@ -283,6 +283,7 @@ def test_a_study_is_forecast_first_and_its_report_sets_forecast_beside_measured(
 
 
 @pytest.mark.slow
+@pytest.mark.emulated_cluster
 def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_link(tmp_path):
     from test_cluster import CAN_BUILD, distcnn_namespaces
 
