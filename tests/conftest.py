@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,21 +43,44 @@ def one_emulated_cluster_at_a_time(request):
         yield
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name: str):
+    """A folder for what a session fixture makes, made once for the whole run: under `pytest -n` the workers
+    share it (the first to get here makes it, under a lock; the others wait, then read it). Yields (folder,
+    whether it still has to be made); a fixture that fails leaves it to be made again."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    # with workers, each one's base temp folder is in the run's own; without, the base is the run's own
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        to_make = not done.exists()
+        if to_make:
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+        yield folder, to_make
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """One real 2^2 x 2 study (helpers.TINY_STUDY: policy x model, one epoch each) run through the CLI, shared
-    by the study and report tests. Read it, never change it: copy it first (helpers.copy_study)."""
-    return run_study(tmp_path_factory.mktemp("tiny-study"))
+    by the study and report tests (of every worker). Read it, never change it: copy it first
+    (helpers.copy_study)."""
+    with made_once(tmp_path_factory, "tiny-study") as (folder, to_make):
+        return run_study(folder) if to_make else folder / "out"
 
 
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory):
     """One real 2-rank gloo run through torchrun (allreduce hook, simplecnn), shared by the DDP and accounting
-    tests: (run directory, summary). Read it, never change it."""
-    out = tmp_path_factory.mktemp("two-ranks") / "allreduce"
-    result = run_cli("train", *TWO_RANKS, "--out", str(out), timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, read_summary(out)
+    tests (of every worker): (run directory, summary). Read it, never change it."""
+    with made_once(tmp_path_factory, "two-ranks") as (folder, to_make):
+        out = folder / "allreduce"
+        if to_make:
+            result = run_cli("train", *TWO_RANKS, "--out", str(out), timeout=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+        return out, read_summary(out)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +114,6 @@ def two_node_slurm(tmp_path_factory):
     `.start_node(node)` and the one-node cluster's `.env`, `.run(...)`. Module-scoped: the emulated cluster is
     this machine's one, so the hosts come up and go down with the module. Skips with the reason where the
     machine cannot run it."""
-    import shutil
-
     from slurm_cluster import ClusterUnavailable, start_cluster
 
     from distcnn import cluster
