@@ -28,10 +28,15 @@ EMULATED_CLUSTER_LOCK = Path(tempfile.gettempdir()) / "distcnn-tests-emulated-cl
 
 
 @contextlib.contextmanager
-def emulated_cluster_held():
-    with open(EMULATED_CLUSTER_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+def held(lock_file: Path):
+    """`lock_file` locked by this process alone (others wait); released when it closes, or the process dies."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def emulated_cluster_held():
+    return held(EMULATED_CLUSTER_LOCK)
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +57,7 @@ def made_once(tmp_path_factory, name: str):
     # with workers, each one's base temp folder is in the run's own; without, the base is the run's own
     root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
     folder, done = root / name, root / f"{name}.done"
-    with open(root / f"{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with held(root / f"{name}.lock"):
         to_make = not done.exists()
         if to_make:
             shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left

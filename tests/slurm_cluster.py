@@ -408,20 +408,20 @@ def sacct(argv: list[str]) -> int:
     # one query per job: squeue fails on the whole list when one id is unknown
     for job in dict.fromkeys(j.split("_")[0].split(".")[0] for j in jobs) if jobs else [None]:
         select = ["--jobs", job] if job else []
-        from_scontrol: dict[str | None, dict[str, str]] = {None: {}, "State": {}}
+        exit_codes, states = {}, {}
         if None in fields or "State" in fields:  # scontrol lists every array task of the job
             out = subprocess.run(["scontrol", "show", "job", "-o", *(select[1:])], capture_output=True,
                                  text=True).stdout
-            from_scontrol[None] = dict(re.findall(r"^JobId=(\d+) .*?\bExitCode=(\S+)", out, re.M))
-            from_scontrol["State"] = dict(re.findall(r"^JobId=(\d+) .*?\bJobState=(\S+)", out, re.M))
-        # the raw job id rides last, to look up the exit code
+            exit_codes = dict(re.findall(r"^JobId=(\d+) .*?\bExitCode=(\S+)", out, re.M))
+            states = dict(re.findall(r"^JobId=(\d+) .*?\bJobState=(\S+)", out, re.M))
+        # the raw job id rides last, to look up the exit code and state
         spec = ",".join(f"{f or 'JobID'}:|" for f in fields) + ",JobID:|"
         result = subprocess.run(["squeue", "--noheader", "--states=all", "-O", spec, *select],
                                 capture_output=True, text=True)
         for line in result.stdout.splitlines() if result.returncode == 0 else []:
             values = [v.strip() for v in line.split("|")][: len(fields) + 1]
             raw_id = values.pop()
-            values = [from_scontrol[f].get(raw_id, "" if f is None else v) if f in from_scontrol else v
+            values = [exit_codes.get(raw_id, "") if f is None else states.get(raw_id, v) if f == "State" else v
                       for f, v in zip(fields, values)]
             if values not in rows:
                 rows.append(values)
