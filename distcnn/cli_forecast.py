@@ -8,7 +8,8 @@ import argparse
 from distcnn.errors import UsageError
 
 FORECAST_OWN = ("nodes", "bandwidth", "latency", "ranks_per_node", "price_per_node_hour", "comm_hooks",
-                "link_profile", "intra_profile", "from_run", "check", "calibrate", "json", "plot", "profile_seconds")
+                "link_profile", "intra_profile", "from_run", "check", "calibrate", "json", "plot", "profile_seconds",
+                "reference_runs")
 
 
 def add_forecast_parser(commands, add_config_flags) -> None:
@@ -43,6 +44,9 @@ def add_forecast_parser(commands, add_config_flags) -> None:
                           "and write a link profile")
     own.add_argument("--profile-seconds", type=float, default=None, metavar="S",
                      help="how long to time the profile's steps (default 12; shorter: sooner, noisier)")
+    own.add_argument("--reference-runs", type=int, default=3, metavar="N",
+                     help="with --calibrate: reference runs the compute factor is the median of (default 3; "
+                          "each trains 4 short epochs and profiles them)")
     own.add_argument("--json", action="store_true", help="print the rows as JSON, and nothing else")
     own.add_argument("--plot", default=None, metavar="PNG", help="where to draw images/s against nodes "
                                                                  "(default: runs/forecast.png)")
@@ -57,7 +61,7 @@ def command_forecast(args: argparse.Namespace) -> int:
                       ranks_per_node=args.ranks_per_node, price_per_node_hour=args.price_per_node_hour,
                       hooks=args.comm_hooks, link_profile=args.link_profile, intra_profile=args.intra_profile,
                       from_run=args.from_run, json=args.json, plot=args.plot,
-                      profile_seconds=args.profile_seconds)
+                      profile_seconds=args.profile_seconds, reference_runs=args.reference_runs)
     if sum(bool(x) for x in (args.calibrate, args.check, args.from_run and args.check)) > 1 or (
             args.calibrate and args.from_run):
         raise UsageError("--calibrate, --check and --from: give --calibrate alone, or --check RUN_DIR (with "

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
+from statistics import NormalDist
 
 import pytest
 
@@ -145,6 +147,18 @@ def test_the_ranks_wait_for_the_slowest_one_at_every_step():
     assert sixteen > two and model.slowest_of(1) == 0.0
 
 
+def test_the_ranks_jitter_is_not_a_pause_of_the_whole_machine():
+    from distcnn.forecast.profile import robust_stdev
+
+    # steps of 100 ms ± 2 ms (a normal spread: standard deviation 2 ms), then 5 of 60 in which the machine
+    # stalled: a plain standard deviation is 9x the jitter, the robust one within a third of it
+    steps = [0.1 + 0.002 * NormalDist().inv_cdf((i + 0.5) / 55) for i in range(55)]
+    stalled = steps + [0.16] * 5
+    assert statistics.pstdev(stalled) > 0.015
+    assert robust_stdev(stalled) == pytest.approx(0.002, rel=0.35)
+    assert robust_stdev([0.1] * 10) == 0.0
+
+
 def test_the_recommended_cap_is_never_slower_than_the_default():
     profile = hand_made([(2 * MB, 0.05 * i) for i in range(1, 7)])
     link = Link(bytes_per_s=2 * MB / 0.04)
@@ -214,6 +228,8 @@ def test_bad_forecast_input_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{not json")
     assert "not a link profile" in usage_error(capsys, "forecast", "--link-profile", str(tmp_path / "junk.json"))
     assert "unknown comm hook" in usage_error(capsys, "forecast", "--comm-hooks", "allreduce,fp8")
+    assert "--reference-runs must be at least 1" in usage_error(
+        capsys, "forecast", "--calibrate", "--reference-runs", "0", "--nproc-per-node", "2")
     assert "uncapped" in usage_error(capsys, "forecast", "--bandwidth", "none", "--nodes", "2",
                                      "--data", "synthetic:n=300", "--model", "lenet")
 
@@ -298,7 +314,8 @@ def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_l
         link_file = tmp_path / "link.json"
         calibrated = run_cli("forecast", "--calibrate", "--cluster", "emulated", "--nnodes", "2", "--bandwidth",
                              "1gbit", "--link-profile", str(link_file), "--model", "lenet", "--batch-size", "32",
-                             "--data", "synthetic:n=1000,test=64", "--profile-seconds", "1", timeout=300,
+                             "--data", "synthetic:n=1000,test=64", "--profile-seconds", "1", "--reference-runs", "1",
+                             timeout=300,
                              env={PARENT_ENV: str(os.getpid())})  # as an in-process launch leaves it: stale
         assert calibrated.returncode == 0, calibrated.stderr[-3000:]
         entry = json.loads(link_file.read_text())["entries"][0]
@@ -306,6 +323,7 @@ def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_l
         assert len(entry["points"]) >= 5 and entry["powersgd_bucket_s"] > 0
         fitted = json.loads(link_file.read_text())
         assert 0.25 < fitted["compute_factor"] < 4 and fitted["reference"]["model"] == "lenet"
+        assert [run["compute_factor"] for run in fitted["reference"]["runs"]] == [fitted["compute_factor"]]
         out = tmp_path / "run"
         job = run_cli("train", "--cluster", "emulated", "--nnodes", "2", "--bandwidth", "1gbit", "--model",
                       "lenet", "--data", "synthetic:n=1000,test=64", "--epochs", "2", "--batch-size", "16",

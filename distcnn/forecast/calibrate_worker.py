@@ -5,10 +5,11 @@ devices. It measures, with the backend training would use:
 - DDP gradient buckets of float32 from 4 KiB up to `max_bytes` (DIR/request.json): a backward pass over
   parameters whose gradients cost nothing, one parameter per bucket, through the counted allreduce hook a
   run uses, while a compute loop runs beside them as backward would; the median seconds per bucket of
-  `repeats` passes after the warm-up, per size;
+  `repeats` passes after the warm-up, per size (four buckets a pass; two where the last size measured says
+  a bucket takes over LONG_BUCKET_S: its bytes dominate it, and four would spend seconds measuring the same);
 - PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices;
-- the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of
-  `max_bytes`: compute seconds lost per byte the rank sent meanwhile; and while it sends allreduces of 4 KiB:
+- the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of the
+  largest bucket size measured: compute seconds lost per byte the rank sent meanwhile; and while it sends allreduces of 4 KiB:
   compute seconds lost per message beyond its bytes.
 Rank 0 writes DIR/calibration.json.
 """
@@ -36,6 +37,7 @@ from distcnn.record import RunRecord, write_json
 SMALLEST = 4096
 COMM_SECONDS = 0.5  # how long the compute loop runs beside allreduces
 BUCKETS = 4  # buckets per timed backward pass
+LONG_BUCKET_S = 0.05  # a bucket expected to take longer is timed two a pass
 CHAIN_BYTES = 256 * 2**10  # PowerSGD buckets timed: 64 x 1024 float32 each
 WARMUP = 2
 
@@ -142,7 +144,8 @@ def compute_loop(device: torch.device, iterations: int) -> float:
 
 
 def slowdown(device: torch.device, max_bytes: int) -> dict:
-    """Compute seconds lost per byte sent while allreduces of `max_bytes` run beside the compute loop, and per
+    """Compute seconds lost per byte sent while allreduces of `max_bytes` (the largest bucket measured) run
+    beside the compute loop, and per
     message while allreduces of the smallest size do (what a message costs the CPU beyond its bytes)."""
     ranks = parallel_ranks(device)
     iterations = 4
@@ -195,12 +198,16 @@ def main(argv: list[str]) -> int:
     request = json.loads((folder / "request.json").read_text())
     ranks = world.setup(config)
     try:
-        points = [[size, time_buckets(size, request["repeats"], ranks.device)] for size in sizes(request["max_bytes"])]
+        points = []
+        for size in sizes(request["max_bytes"]):
+            expected = points[-1][1] * size / points[-1][0] if points else 0.0  # bytes dominate large ones
+            count = BUCKETS if expected < LONG_BUCKET_S else 2
+            points.append([size, time_buckets(size, request["repeats"], ranks.device, count=count)])
         # PowerSGD's chain of three small allreduces per bucket (its factors of 64-row matrices, rank 1)
         chain = time_buckets(CHAIN_BYTES, request["repeats"], ranks.device, hook="powersgd", rows=64)
         measured = {"points": points, "powersgd_bucket_s": chain, "powersgd_bucket_bytes": CHAIN_BYTES,
                     "ranks": ranks.world_size, "backend": ranks.backend,
-                    "hosts": world.gather_hosts(ranks)} | slowdown(ranks.device, request["max_bytes"])
+                    "hosts": world.gather_hosts(ranks)} | slowdown(ranks.device, points[-1][0])
         if ranks.is_main:
             write_json(folder / "calibration.json", measured)
         world.barrier(ranks)

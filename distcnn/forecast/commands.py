@@ -35,6 +35,7 @@ class Request:
     json: bool = False
     plot: str | None = None
     profile_seconds: float | None = None  # None: distcnn.forecast.profile.MAIN_SECONDS
+    reference_runs: int = 3  # --calibrate: reference runs (each with its profile) the compute factor is fitted on
 
 
 def backend_of(config: TrainConfig) -> str:
@@ -228,15 +229,47 @@ REFERENCE_EPOCHS = 4  # the first is warm-up; the step is the mean of the other 
 def fit_compute_factor(config: TrainConfig, request: Request, profile: links.LinkProfile) -> links.LinkProfile:
     """Train the calibration's own configuration for real on these ranks (four short epochs, over the fastest
     calibrated link), profile it on one rank, and find the compute factor with which the model's step equals
-    the measured one. The configuration is the user's: keep it apart from those a forecast is judged on."""
+    the measured one; `request.reference_runs` times, run and profile one after the other, and the median
+    factor kept: on a shared machine one run or one profile can be 10-20 % off, which one pair passes on to
+    every forecast. The configuration is the user's: keep it apart from those a forecast is judged on."""
     from dataclasses import replace
+    from statistics import median
 
+    fastest = max(profile.entries, key=lambda entry: entry.bytes_per_s)
+    world = config.nproc_per_node * config.nnodes
+    link, _ = profile.link(fastest.rate_bits, 0.0)
+    say(f"reference: {request.reference_runs} run(s) of {config.model}, batch {config.batch_size}, {world} ranks "
+        f"over {links.format_rate(fastest.rate_bits)}, {REFERENCE_EPOCHS} epochs of {REFERENCE_STEPS} steps, "
+        "each with its one-rank profile")
+    pairs = []
+    for _ in range(request.reference_runs):
+        measured, prof = _reference_pair(config, request, fastest, world)
+
+        def predicted(factor: float, prof=prof) -> float:
+            return step(prof, replace(link, compute_factor=factor), world, "allreduce", config.bucket_cap_mb).seconds
+
+        factor = _solve(predicted, measured)
+        pairs.append({"measured_step_seconds": measured, "predicted_step_seconds_at_1": predicted(1.0),
+                      "compute_factor": factor})
+        say(f"reference run: step measured {measured * 1e3:.1f} ms, profile predicted {predicted(1.0) * 1e3:.1f} ms "
+            f"at factor 1: compute factor {factor:.3f}")
+    factor = median(pair["compute_factor"] for pair in pairs)
+    if len(pairs) > 1:
+        say(f"compute factor {factor:.3f}: the median of {len(pairs)} reference runs "
+            "(" + ", ".join(f"{pair['compute_factor']:.3f}" for pair in pairs) + ")")
+    return replace(profile, compute_factor=factor, reference={
+        "model": config.model, "batch_size": config.batch_size, "world_size": world,
+        "rate_bits": fastest.rate_bits, "runs": pairs,
+        "measured_step_seconds": median(pair["measured_step_seconds"] for pair in pairs),
+        "predicted_step_seconds_at_1": median(pair["predicted_step_seconds_at_1"] for pair in pairs)})
+
+
+def _reference_pair(config: TrainConfig, request: Request, fastest, world: int) -> tuple[float, Profile]:
+    """One reference run's measured steady step, and the one-rank profile of its configuration."""
     from distcnn.forecast.sources import measured_step
     from distcnn.launch import run
     from distcnn.record import RunRecord
 
-    fastest = max(profile.entries, key=lambda entry: entry.bytes_per_s)
-    world = config.nproc_per_node * config.nnodes
     folder = Path(tempfile.mkdtemp(prefix="distcnn-reference-"))
     try:
         images = int(world * config.batch_size * REFERENCE_STEPS / (1 - config.val_fraction)) + world
@@ -245,30 +278,22 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
             "comm_hook": "allreduce", "telemetry": "on",
             "bandwidth": (links.format_rate(fastest.rate_bits) if fastest.rate_bits else "none")
             if config.cluster == "emulated" else None, "delay": None, "name": "reference"})
-        say(f"reference run: {config.model}, batch {config.batch_size}, {world} ranks over "
-            f"{links.format_rate(fastest.rate_bits)}, {REFERENCE_EPOCHS} epochs of {REFERENCE_STEPS} steps")
         run(reference)
         measured = measured_step(RunRecord(folder / "run"))
         request.ranks_per_node = config.nproc_per_node
         prof, _ = get_profile(reference, request, quiet=True, hooks=("allreduce",))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    link, _ = profile.link(fastest.rate_bits, 0.0)
+    return measured, prof
 
-    def predicted(factor: float) -> float:
-        return step(prof, replace(link, compute_factor=factor), world, "allreduce", config.bucket_cap_mb).seconds
 
+def _solve(predicted, measured: float) -> float:
+    """The factor at which `predicted` (growing with it) equals `measured`, by bisection in [0.25, 4]."""
     low, high = 0.25, 4.0
-    for _ in range(40):  # the step grows with the factor: bisect
+    for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if predicted(middle) < measured else (low, middle)
-    factor = (low + high) / 2
-    say(f"reference run: step measured {measured * 1e3:.1f} ms, profile predicted {predicted(1.0) * 1e3:.1f} ms "
-        f"at factor 1: compute factor {factor:.3f}")
-    return replace(profile, compute_factor=factor, reference={
-        "model": config.model, "batch_size": config.batch_size, "world_size": world,
-        "rate_bits": fastest.rate_bits, "measured_step_seconds": measured,
-        "predicted_step_seconds_at_1": predicted(1.0)})
+    return (low + high) / 2
 
 
 def calibrate_rate(config, request: Request, folder: Path, rate: float | None, latency: float | None,
@@ -320,6 +345,8 @@ def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     rates = helpers.parse_rates(request.bandwidth) if config.cluster == "emulated" else [None]
     latency = helpers.parse_latency(request.latency)
     world = config.nproc_per_node * config.nnodes
+    if request.reference_runs < 1:
+        raise UsageError(f"--reference-runs must be at least 1, got {request.reference_runs}")
     if world < 2:
         raise UsageError("--calibrate times a collective between ranks: give --cluster emulated --nnodes 2 (or "
                          "more), --nnodes N with --rdzv-endpoint for real machines, or --nproc-per-node 2 for "

@@ -17,10 +17,11 @@ runs beside it. Fitted from those points, by least squares on t = α + 2(n−1)/
                      emulated cluster; 0 on real machines, whose links have no shaper distcnn can see. Bytes
                      it covers go at the uncapped calibration's B_eff
 
-    compute_factor   a run's compute on these ranks ÷ what its one-rank profile measured: fitted on a short
-                     reference run of the calibration's own configuration (its model, batch, one epoch after
-                     another) over the fastest link, where compute dominates (emulated hosts and one machine;
-                     1 on real machines, where the reference would need every node)
+    compute_factor   a run's compute on these ranks ÷ what its one-rank profile measured: the median of the
+                     factors fitted on --reference-runs short reference runs of the calibration's own
+                     configuration (its model, batch; each run with its own profile) over the fastest link,
+                     where compute dominates (emulated hosts and one machine; 1 on real machines, where the
+                     reference would need every node)
 
 A forecast at a link rate that was not calibrated takes the share, hop and slowdown of the calibrated cap
 nearest in rate (on a log scale) and says so. Without a link profile, B_eff is the nominal rate, hop and
@@ -98,7 +99,7 @@ class LinkProfile:
     entries: list[Calibrated]
     source: str = ""
     compute_factor: float = 1.0  # a run's compute ÷ its profile's, fitted on `reference` (1: not fitted)
-    reference: dict | None = None  # the run it was fitted on: config, measured and predicted step
+    reference: dict | None = None  # the runs it was fitted on: config, each run's measured and predicted step
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, "kind": self.kind, "backend": self.backend, "scope": self.scope,

@@ -104,7 +104,7 @@ def _profile(config: TrainConfig, ranks: Ranks, threads: int, started: float, qu
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         hook_compute={hook: run["hook_seconds"] - main["hook_seconds"] for hook, run in runs.items()},
         train_images=len(splits.train), eval_seconds=eval_seconds,
-        step_stdev_s=statistics.pstdev(sum(s.values()) for s in main["phases"]))
+        step_stdev_s=robust_stdev([sum(s.values()) for s in main["phases"]]))
     meta = {"source": "profile", "model": config.model, "batch_size": config.batch_size, "threads": threads,
             "device": str(ranks.device), "precision": config.precision, "bucket_cap_mb": config.bucket_cap_mb,
             "steps": {hook: run["steps"] for hook, run in runs.items()},
@@ -113,6 +113,14 @@ def _profile(config: TrainConfig, ranks: Ranks, threads: int, started: float, qu
             "step_seconds_measured": statistics.fmean(sum(s.values()) for s in main["phases"]),
             "profile_seconds": time.perf_counter() - started, "eval_seconds_estimated": True}
     return Profiled(prof, meta)
+
+
+def robust_stdev(values: list[float]) -> float:
+    """The spread of the ranks' steps, as a normal one's standard deviation: 1.4826 × the median absolute
+    deviation. What the slowest of n ranks adds is their own jitter; a few seconds in which the whole machine
+    slows down (it slows every rank alike) would inflate a plain standard deviation several times over."""
+    middle = statistics.median(values)
+    return 1.4826 * statistics.median(abs(value - middle) for value in values)
 
 
 def build_loop(config: TrainConfig, ranks: Ranks) -> _Loop:
