@@ -191,13 +191,15 @@ def scored(config: tuple, prof: model.Profile, link_profile: links.LinkProfile, 
 
 
 def merge(rounds: list[list[dict]]) -> list[dict]:
-    """Each configuration's median forecast and median measured step over the rounds, and how far its rounds'
-    measured steps spread (max − min over the median): what this machine's noise alone does to one run."""
+    """Each configuration's median forecast (and its compute and exposed share) and median measured step over
+    the rounds, and how far its rounds' measured steps spread (max − min over the median): what this machine's
+    noise alone does to one run."""
     merged = []
     for rows in zip(*rounds):
         measured = [row["measured"] for row in rows]
-        row = rows[0] | {"predicted": statistics.median(row["predicted"] for row in rows),
-                         "measured": statistics.median(measured), "rounds": len(rows)}
+        row = rows[0] | {key: statistics.median(row[key] for row in rows)
+                         for key in ("predicted", "compute", "exposed")}
+        row |= {"measured": statistics.median(measured), "rounds": len(rows)}
         row["spread"] = (max(measured) - min(measured)) / row["measured"]
         row["error"] = (row["predicted"] - row["measured"]) / row["measured"]
         merged.append(row)

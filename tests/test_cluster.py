@@ -215,7 +215,8 @@ def test_a_host_whose_agent_dies_ends_the_run_in_one_line_within_40_seconds(tmp_
     killed_at = time.monotonic()
     _, stderr = job.communicate(timeout=240)
     assert job.returncode == 1
-    assert time.monotonic() - killed_at < 40, "15 s for the others to stop, a few to stop their idle agents"
+    # 3 s for the others to say why on their own (FAILED_SETTLE_S), then they are stopped: about 10 s in all
+    assert time.monotonic() - killed_at < 40, "3 s for the others to stop, a few to stop their idle agents"
     assert "the node agent on distcnn-h2 failed" in stderr
 
 

@@ -12,7 +12,8 @@ from distcnn.errors import WorkersFailed
 from distcnn.parallel.torchrun import WORKER
 from distcnn.record import HOST_ENV, RunRecord
 
-AGENTS_SETTLE_S = 15.0  # once a node agent has ended, how long the others get to end on their own
+AGENTS_SETTLE_S = 15.0  # once a node agent has ended well, how long the others get to end on their own
+FAILED_SETTLE_S = 3.0  # once one has failed: the job has failed, the others only get to say why on their own
 
 
 def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) -> None:
@@ -42,7 +43,8 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
             agents.append((host, cluster.start_in(host, argv, env)))
         # once an agent has ended, the others end within moments: they finished too (torchrun's exit barrier),
         # or cannot finish without it (it failed, or its ranks failed on their way out after the run): a moment
-        # to stop on their own, as no agent waits 300 s in the exit barrier for one that will not come
+        # to stop on their own, as no agent waits 300 s in the exit barrier for one that will not come; a
+        # shorter one once an agent failed, as nothing the others do can finish the job then
         deadline = None
         while True:
             codes = [agent.poll() for _, agent in agents]  # every agent, each time (not any()'s first alive)
@@ -53,6 +55,8 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
                                       if code not in (None, 0)), None)
             if deadline is None and any(code is not None for code in codes):
                 deadline = time.monotonic() + AGENTS_SETTLE_S
+            if first_failure is not None:
+                deadline = min(deadline, time.monotonic() + FAILED_SETTLE_S)
             time.sleep(0.2)
     finally:
         for _, agent in agents:
