@@ -242,9 +242,6 @@ def test_the_profile_of_a_real_configuration_matches_what_ddp_and_the_hooks_do()
     config = make_config({"model": "simplecnn", "data": "synthetic:n=2000,test=64", "batch_size": 32,
                           "bucket_cap_mb": 0.05})
     started = time.perf_counter()
-    # half a second per hook, a dozen steps or more: PowerSGD's own compute here is about 2.4 ms a step above
-    # allreduce's; a hook's time is its least step (the median of a busy machine's steps once put it 3.5 ms
-    # below)
     profiled = profile(config, threads=1, quiet=True, main_seconds=0.5, hook_seconds=0.5)
     assert time.perf_counter() - started < 60
     prof, meta = profiled.profile, profiled.meta
@@ -256,7 +253,31 @@ def test_the_profile_of_a_real_configuration_matches_what_ddp_and_the_hooks_do()
     assert readiness == sorted(readiness) and 0 < readiness[-1] <= prof.phases["backward"] * 1.5
     assert all(prof.phases[phase] > 0 for phase in ("forward", "backward", "optimizer"))
     assert meta["warmup_seconds"] > 0 and prof.buffer_bytes > 0  # BatchNorm's running statistics
-    assert prof.hook_compute["allreduce"] == 0.0 and prof.hook_compute["powersgd"] > 0
+    # every hook's own compute is measured, allreduce's being the reference; its size is not asserted here:
+    # PowerSGD's is about 2.4 ms a step above allreduce's on an idle machine, while on a loaded one a step's
+    # time in a hook on a process group of one is mostly the wait for gloo's thread to be scheduled (17 ms once
+    # in allreduce's least step); the timing itself is checked below, with a hook whose time is known
+    assert set(prof.hook_compute) == set(model.HOOKS) and prof.hook_compute["allreduce"] == 0.0
+    assert all(math.isfinite(seconds) for seconds in prof.hook_compute.values())
+
+
+def test_a_hooks_time_is_counted_until_its_future_is_done():
+    import threading
+
+    import torch
+
+    from distcnn.forecast.profile import _timed
+
+    def hook(state, bucket):  # its work done in a callback on another thread, as PowerSGD's chain is
+        future = torch.futures.Future()
+        threading.Timer(0.03, lambda: future.set_result(bucket * 2)).start()
+        return future
+
+    inside = [0.0]
+    timed = _timed(hook, inside)
+    assert torch.equal(timed(None, torch.ones(3)).wait(), torch.full((3,), 2.0))
+    assert timed(None, torch.ones(3)).wait().sum() == 6
+    assert 0.06 <= inside[0] < 5  # two calls of at least 30 ms each; a timer can only be late
 
 
 @pytest.mark.slow
