@@ -18,6 +18,7 @@ Needs root (network namespaces); brings its own cluster up and takes it down.
 
     .venv/bin/python benchmarks/forecast.py [--steps 16] [--repeats 3] [--quick] [--write-validation]
     .venv/bin/python benchmarks/forecast.py --rescore [--write-validation]   # the kept runs, the model as it is
+    .venv/bin/python benchmarks/forecast.py --caps [--repeats 3]   # the recommended bucket caps only, trained
 """
 
 from __future__ import annotations
@@ -93,10 +94,16 @@ def main() -> None:
     parser.add_argument("--keep", default="runs/forecast-benchmark", help="where the runs are kept (replaced)")
     parser.add_argument("--write-validation", action="store_true",
                         help=f"store the errors in {VALIDATION.relative_to(ROOT)} for the forecast's output")
+    parser.add_argument("--caps", action="store_true",
+                        help="only train the bucket caps the model recommends beside DDP's default (--repeats times "
+                             "each), from the kept calibration and profiles")
     parser.add_argument("--rescore", action="store_true",
                         help="score the kept calibration, profiles and runs again with the model as it is now "
                              "(trains nothing)")
     args = parser.parse_args()
+    if args.caps:
+        caps_only(args)
+        return
     if args.rescore:
         started = time.perf_counter()
         report(Console(width=190), merge(rescore(ROOT / args.keep)), [], started, args)
@@ -120,7 +127,7 @@ def main() -> None:
             profiles: dict[tuple, model.Profile] = {}
             rounds.append([score(console, folder / f"round{round_}", i, profiles, link_profile, args.steps)
                            for i in chosen])
-        cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps)
+        cap_rows = bucket_check(profiles, link_profile, Path(folder), args.steps, args.repeats)
     finally:
         cluster.down()
     report(console, merge(rounds), cap_rows, started, args)
@@ -240,11 +247,14 @@ def rescore(folder: Path) -> list[list[dict]]:
     return rounds
 
 
-CAP_CHECKS = [("resnet18", 32, "1gbit"), ("deepcnn", 32, "100mbit"), ("mobilenetv3_small_050", 32, "100mbit")]
+# where the model keeps DDP's default (the first three) and where it recommends another cap (the last two)
+CAP_CHECKS = [("resnet18", 32, "1gbit"), ("deepcnn", 32, "100mbit"), ("mobilenetv3_small_050", 32, "100mbit"),
+              ("deepcnn", 32, "1gbit"), ("resnet18", 32, "none")]
 
 
-def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]:
-    """Where the model recommends a bucket cap other than DDP's default, both trained side by side."""
+def bucket_check(profiles, link_profile, folder: Path, steps: int, repeats: int = 1) -> list[dict]:
+    """DDP's default cap and the one the model recommends, trained side by side (one after the other, `repeats`
+    times, medians kept) where the recommendation differs; the default alone where it does not."""
     rows = []
     for name, batch, rate in CAP_CHECKS:
         if (name, batch) not in profiles:
@@ -252,12 +262,45 @@ def bucket_check(profiles, link_profile, folder: Path, steps: int) -> list[dict]
         link, _ = link_profile.link(parse_bandwidth(rate), 0.0)
         cap, _ = model.best_cap(profiles[(name, batch)], link, 2, "allreduce")
         chosen = [("default (25 MB)", None)] + ([(f"recommended ({cap:g} MB)", cap)] if cap is not None else [])
+        measured = {label: [] for label, _ in chosen}
+        for i in range(repeats if cap is not None else 1):
+            for label, value in chosen:
+                record = train(folder / f"cap-{name}-{batch}-{rate}-{value}-{i}", name, batch, rate, "allreduce",
+                               value, steps)
+                measured[label].append(sources.measured_step(record))
         for label, value in chosen:
-            record = train(folder / f"cap-{name}-{value}", name, batch, rate, "allreduce", value, steps)
             rows.append({"config": f"{name} b{batch} {rate}", "cap": label,
                          "predicted": model.step(profiles[(name, batch)], link, 2, "allreduce", value).seconds,
-                         "measured": sources.measured_step(record)})
+                         "measured": statistics.median(measured[label]), "runs": len(measured[label])})
     return rows
+
+
+def caps_only(args) -> None:
+    """--caps: the bucket-cap check alone, from the kept link profile and the last kept round's profiles."""
+    folder = ROOT / args.keep
+    rounds = sorted(folder.glob("round*"))
+    if not (folder / "link.json").exists() or not rounds:
+        raise SystemExit(f"forecast benchmark: nothing kept in {folder} (run it first)")
+    profiles = {(name, batch): kept_profile(rounds[-1] / f"profile-{name}-{batch}.json")
+                for name, batch, _ in CAP_CHECKS if (rounds[-1] / f"profile-{name}-{batch}.json").exists()}
+    started = time.perf_counter()
+    cluster.up(2)
+    try:
+        rows = bucket_check(profiles, links.read(folder / "link.json"), folder / "caps", args.steps, args.repeats)
+    finally:
+        cluster.down()
+    print_caps(Console(width=190), rows)
+    print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
+
+
+def print_caps(console: Console, rows: list[dict]) -> None:
+    caps = Table(title="bucket cap the model recommends (allreduce, 2 hosts) beside DDP's default, both trained")
+    for column in ("configuration", "cap", "predicted ms", "measured ms (median)", "runs"):
+        caps.add_column(column, justify="right")
+    for row in rows:
+        caps.add_row(row["config"], row["cap"], f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}",
+                     str(row["runs"]))
+    console.print(caps)
 
 
 def report(console: Console, results: list[dict], cap_rows: list[dict], started: float, args) -> None:
@@ -287,12 +330,7 @@ def report(console: Console, results: list[dict], cap_rows: list[dict], started:
     tau = kendalltau([row["predicted"] for row in results], [row["measured"] for row in results]).statistic
     console.print(f"Kendall tau of the {len(results)} configurations' step times, predicted vs measured: {tau:.3f}")
     if cap_rows:
-        caps = Table(title="bucket cap the model recommends (allreduce, 2 hosts) beside DDP's default, both trained")
-        for column in ("configuration", "cap", "predicted ms", "measured ms"):
-            caps.add_column(column, justify="right")
-        for row in cap_rows:
-            caps.add_row(row["config"], row["cap"], f"{row['predicted'] * 1e3:.1f}", f"{row['measured'] * 1e3:.1f}")
-        console.print(caps)
+        print_caps(console, cap_rows)
     console.print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
     if args.write_validation and not args.quick:
         VALIDATION.write_text(json.dumps({

@@ -99,10 +99,20 @@ def test_powersgd_on_gloo_holds_backward_while_its_chain_runs():
     assert free.seconds == pytest.approx(0.01 + 0.1 + 2 * chain + 0.005, rel=1e-6)
 
 
-def test_compute_slowdown_stretches_backward_by_the_bytes_sent():
-    profile = hand_made([(1_000_000, 0.3)])
-    slow = model.step(profile, Link(bytes_per_s=1e12, slowdown_s_per_byte=1e-7), 2)
-    assert slow.seconds == pytest.approx(0.01 + 0.3 + 0.1 + 0.005, rel=1e-4)  # 1e6 bytes x 1e-7 s
+def test_compute_slowdown_stretches_backward_by_the_bytes_sent_while_it_computes():
+    # a 1 MB bucket ready a third into backward, sent at once: its bytes cost backward 1e6 x 1e-7 s
+    early = hand_made([(1_000_000, 0.1), (4, 0.3)])
+    fast = Link(bytes_per_s=1e12, slowdown_s_per_byte=1e-7)
+    assert model.step(early, fast, 2, cap_mb=0.5).seconds == pytest.approx(0.01 + 0.3 + 0.1 + 0.005, rel=1e-4)
+    # the same bucket ready as backward ends: nothing computes while it is sent, nothing is slowed
+    late = hand_made([(1_000_000, 0.3)])
+    assert model.step(late, fast, 2).seconds == pytest.approx(0.01 + 0.3 + 0.005, rel=1e-4)
+    # sent at 10 MB/s from 0.25 s of a 0.3 s backward: the first half of its bytes overlap backward, which
+    # stretches it and so the share; settled, about 55 % (half, and what the stretch adds)
+    midway = hand_made([(1_000_000, 0.25), (4, 0.3)])
+    slowly = Link(bytes_per_s=1e7, slowdown_s_per_byte=1e-7)
+    stretched = model.step(midway, slowly, 2, cap_mb=0.5).seconds - model.step(midway, Link(1e7), 2, cap_mb=0.5).seconds
+    assert 0.04 < stretched < 0.07
 
 
 def test_a_shapers_bucket_sends_the_first_bytes_after_a_pause_at_the_line_rate():
@@ -163,8 +173,14 @@ def test_the_recommended_cap_is_never_slower_than_the_default():
     profile = hand_made([(2 * MB, 0.05 * i) for i in range(1, 7)])
     link = Link(bytes_per_s=2 * MB / 0.04)
     cap, best = model.best_cap(profile, link, 2, "allreduce")
-    assert best.seconds <= model.step(profile, link, 2).seconds
+    default = model.step(profile, link, 2).seconds
+    assert best.seconds <= default * (1 - model.MIN_CAP_GAIN)
     assert cap is not None and cap < 25  # small buckets overlap the backward here
+    # one bucket's worth of gradients, ready at the end of backward: no cap overlaps anything, none is better
+    one = hand_made([(2 * MB, 0.3)])
+    assert model.best_cap(one, link, 2, "allreduce") == (None, model.step(one, link, 2))
+    # a gain smaller than the forecast's own error is no reason to change DDP's default
+    assert model.best_cap(profile, link, 2, "allreduce", min_gain=0.99)[0] is None
 
 
 def test_rows_scale_over_nodes_with_epoch_time_and_cost():
