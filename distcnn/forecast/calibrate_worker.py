@@ -9,8 +9,8 @@ devices. It measures, with the backend training would use:
   a bucket takes over LONG_BUCKET_S: its bytes dominate it, and four would spend seconds measuring the same);
 - PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices;
 - the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of the
-  largest bucket size measured: compute seconds lost per byte the rank sent meanwhile; and while it sends allreduces of 4 KiB:
-  compute seconds lost per message beyond its bytes.
+  largest bucket size measured: compute seconds lost per byte the rank sent meanwhile; and while it sends
+  allreduces of 4 KiB: compute seconds lost per message beyond its bytes.
 Rank 0 writes DIR/calibration.json.
 """
 
@@ -145,8 +145,8 @@ def compute_loop(device: torch.device, iterations: int) -> float:
 
 def slowdown(device: torch.device, max_bytes: int) -> dict:
     """Compute seconds lost per byte sent while allreduces of `max_bytes` (the largest bucket measured) run
-    beside the compute loop, and per
-    message while allreduces of the smallest size do (what a message costs the CPU beyond its bytes)."""
+    beside the compute loop, and per message while allreduces of the smallest size do (what a message costs
+    the CPU beyond its bytes)."""
     ranks = parallel_ranks(device)
     iterations = 4
     while compute_loop(device, iterations) < 0.05:

@@ -235,9 +235,10 @@ def fit_compute_factor(config: TrainConfig, request: Request, profile: links.Lin
     from dataclasses import replace
     from statistics import median
 
-    fastest = max(profile.entries, key=lambda entry: entry.bytes_per_s)
+    fastest = profile.fastest
     world = config.nproc_per_node * config.nnodes
     link, _ = profile.link(fastest.rate_bits, 0.0)
+    request.ranks_per_node = config.nproc_per_node  # the profiles share the machine as the ranks do
     say(f"reference: {request.reference_runs} run(s) of {config.model}, batch {config.batch_size}, {world} ranks "
         f"over {links.format_rate(fastest.rate_bits)}, {REFERENCE_EPOCHS} epochs of {REFERENCE_STEPS} steps, "
         "each with its one-rank profile")
@@ -280,7 +281,6 @@ def _reference_pair(config: TrainConfig, request: Request, fastest, world: int) 
             if config.cluster == "emulated" else None, "delay": None, "name": "reference"})
         run(reference)
         measured = measured_step(RunRecord(folder / "run"))
-        request.ranks_per_node = config.nproc_per_node
         prof, _ = get_profile(reference, request, quiet=True, hooks=("allreduce",))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -11,8 +11,8 @@
 
 `ready_i` is when the last gradient of bucket i is ready in the profiled backward pass, stretched by the
 compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends while
-backward computes, and `slowdown_per_message` per message begun before backward ends: on a CPU the collective's reductions, its
-threads and the network stack take cores). Ranks that share a machine compete for its cores,
+backward computes, and `slowdown_per_message` per message begun before backward ends: on a CPU the
+collective's reductions, its threads and the network stack take cores). Ranks that share a machine compete for its cores,
 caches and memory bandwidth: the profile is timed with as many processes training beside it
 (distcnn.forecast.alongside), so its phases already carry that. What a run of n ranks adds to its compute
 beyond that (the collective's threads, the launcher's agents, the trainer's own bookkeeping, waiting for the
