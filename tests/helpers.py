@@ -40,6 +40,7 @@ responses = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
 # A real 2-rank gloo run through torchrun, small enough for a test (conftest's two_rank_run; the comm hooks).
 TWO_RANKS = ("--data", "synthetic:n=700", "--nproc-per-node", "2", "--epochs", "2", "--batch-size", "32",
              "--sample-interval", "0.1", "--seed", "1")
+TWO_HOSTS_RATE = "1gbit"  # the link cap of conftest's two_host_run (a 2-node job on two emulated hosts)
 STUDY_FILE = "tiny.toml"  # a study's name is its file's: a study run again must be written under the same name
 
 
