@@ -27,6 +27,9 @@ def add_study_parser(commands) -> None:
                        help="with --forecast: the link between nodes as distcnn forecast --calibrate measured it")
     study.add_argument("--intra-profile", default=None, metavar="FILE",
                        help="with --forecast: the link between the ranks of one machine (calibrated there)")
+    study.add_argument("--profile-seconds", type=float, default=None, metavar="S",
+                       help="with --forecast: seconds each configuration's profile times (default 3; shorter is "
+                            "sooner and noisier)")
     study.add_argument("--executor", choices=("local", "slurm"), default=None,
                        help="local: runs on this machine (default); slurm: each run a Slurm job via submitit "
                             "(overrides [study] executor)")
@@ -50,6 +53,8 @@ def command_study(args: argparse.Namespace) -> int:
 
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"--parallel must be 1 or more, got {args.parallel}")
+    if args.profile_seconds is not None and not args.profile_seconds > 0:
+        raise UsageError(f"--profile-seconds must be above 0, got {args.profile_seconds}")
     spec = load_spec(args.file, execution_options(args))
     out = Path(args.out or f"runs/study-{spec.name}")
     if args.status:
@@ -59,9 +64,9 @@ def command_study(args: argparse.Namespace) -> int:
         return 0
 
     def forecast_first(spec, out) -> bool:
-        from distcnn.study.forecast import forecast_study
+        from distcnn.study.forecast import PROFILE_SECONDS, forecast_study
 
-        forecast_study(spec, out, args.link_profile, args.intra_profile)
+        forecast_study(spec, out, args.link_profile, args.intra_profile, args.profile_seconds or PROFILE_SECONDS)
         return args.forecast_only
 
     runs = run_study(spec, out, args.retries, forecast_first if args.forecast or args.forecast_only else None)

@@ -246,6 +246,8 @@ def test_bad_forecast_input_is_one_line(tmp_path, capsys):
     assert "unknown comm hook" in usage_error(capsys, "forecast", "--comm-hooks", "allreduce,fp8")
     assert "--reference-runs must be at least 1" in usage_error(
         capsys, "forecast", "--calibrate", "--reference-runs", "0", "--nproc-per-node", "2")
+    assert "--profile-seconds must be above 0" in usage_error(capsys, "study", "--forecast-only",
+                                                               "--profile-seconds", "0")
     assert "uncapped" in usage_error(capsys, "forecast", "--bandwidth", "none", "--nodes", "2",
                                      "--data", "synthetic:n=300", "--model", "lenet")
 
@@ -325,7 +327,8 @@ def test_a_study_is_forecast_first_and_its_report_sets_forecast_beside_measured(
     from helpers import STUDY_FILE, copy_study, written_report
 
     study = copy_study(tiny_study, tmp_path)
-    done = run_cli("study", str(tiny_study.parent / STUDY_FILE), "--out", str(study), "--forecast-only")
+    done = run_cli("study", str(tiny_study.parent / STUDY_FILE), "--out", str(study), "--forecast-only",
+                   "--profile-seconds", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "forecast of study" in done.stdout and "node-hours" in done.stdout
     rows = json.loads((study / "forecast.json").read_text())["rows"]

@@ -24,9 +24,10 @@ FORECAST = "forecast.json"
 PROFILE_SECONDS = 3.0  # a study's configurations are many: a shorter profile each than `distcnn forecast`'s
 
 
-def forecast_study(spec: StudySpec, out: Path, link_profile: str | None = None,
-                   intra_profile: str | None = None) -> list[dict]:
-    """Forecast every configuration of `spec`, print the table, write STUDY_DIR/forecast.json."""
+def forecast_study(spec: StudySpec, out: Path, link_profile: str | None = None, intra_profile: str | None = None,
+                   profile_seconds: float = PROFILE_SECONDS) -> list[dict]:
+    """Forecast every configuration of `spec` (each profiled for about `profile_seconds`), print the table,
+    write STUDY_DIR/forecast.json."""
     from distcnn.config import make_config
     from distcnn.forecast.commands import sharing
     from distcnn.forecast.profile import profile
@@ -41,7 +42,7 @@ def forecast_study(spec: StudySpec, out: Path, link_profile: str | None = None,
             rows.append({"levels": levels, "note": "not forecast: the forecast models data-parallel runs (ddp)"})
             continue
         threads = config.threads_per_rank(config.nproc_per_node)
-        prof = profile(config, threads, quiet=True, main_seconds=PROFILE_SECONDS, hooks=(config.comm_hook,),
+        prof = profile(config, threads, quiet=True, main_seconds=profile_seconds, hooks=(config.comm_hook,),
                        alongside=sharing(config, config.nproc_per_node)).profile
         rate = parse_bandwidth(config.bandwidth) if config.bandwidth else None
         note = ""
