@@ -48,13 +48,13 @@ def add_study_parser(commands) -> None:
 def command_study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from distcnn.forecast import check_profile_seconds
     from distcnn.study.runner import run_study
     from distcnn.study.spec import load_spec
 
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"--parallel must be 1 or more, got {args.parallel}")
-    if args.profile_seconds is not None and not args.profile_seconds > 0:
-        raise UsageError(f"--profile-seconds must be above 0, got {args.profile_seconds}")
+    check_profile_seconds(args.profile_seconds)
     spec = load_spec(args.file, execution_options(args))
     out = Path(args.out or f"runs/study-{spec.name}")
     if args.status:

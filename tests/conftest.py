@@ -17,7 +17,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
-from helpers import TWO_HOSTS_RATE, TWO_RANKS, read_summary, run_cli, run_study, written_report  # noqa: E402
+from helpers import (CAN_BUILD_CLUSTER, TWO_HOSTS_RATE, TWO_RANKS, read_summary, run_cli,  # noqa: E402
+                     run_study, written_report)
 
 # What this machine has only one of: the emulated cluster (its hosts' namespaces and bridge). A test that
 # brings it up (marked `emulated_cluster`, or through the two_node_slurm fixture) holds this lock while it
@@ -123,7 +124,7 @@ def two_node_slurm(tmp_path_factory):
     from distcnn import cluster
     from distcnn.errors import UsageError
 
-    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+    if not CAN_BUILD_CLUSTER:
         pytest.skip("the two-node Slurm cluster runs on the emulated hosts: it needs root and iproute2")
     with emulated_cluster_held():  # the emulated cluster is this machine's one
         try:
@@ -143,14 +144,13 @@ def two_node_slurm(tmp_path_factory):
             cluster.down()
 
 
-
 @pytest.fixture(scope="session")
 def two_host_run(tmp_path_factory):
     """One real 2-node job (lenet, 2 epochs) through the CLI on two emulated hosts brought up with
     `distcnn cluster up --hosts 2 --bandwidth 1gbit` and taken down after it, shared by the cluster test of
     its traffic and bytes and the forecast's check of a real run (of every worker): its run directory. Read it,
     never change it. Skips where the machine cannot build the emulated hosts."""
-    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+    if not CAN_BUILD_CLUSTER:
         pytest.skip("the emulated cluster needs root and iproute2 (ip, tc)")
     with made_once(tmp_path_factory, "two-hosts") as (folder, to_make):
         out = folder / "run"

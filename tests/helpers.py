@@ -41,6 +41,8 @@ responses = ["test_accuracy", "cpu_percent_mean", "train_seconds"]
 TWO_RANKS = ("--data", "synthetic:n=700", "--nproc-per-node", "2", "--epochs", "2", "--batch-size", "32",
              "--sample-interval", "0.1", "--seed", "1")
 TWO_HOSTS_RATE = "1gbit"  # the link cap of conftest's two_host_run (a 2-node job on two emulated hosts)
+# Whether this machine can build the emulated cluster (distcnn cluster up): root, and iproute2's ip and tc
+CAN_BUILD_CLUSTER = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
 STUDY_FILE = "tiny.toml"  # a study's name is its file's: a study run again must be written under the same name
 
 

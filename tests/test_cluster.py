@@ -9,18 +9,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import TWO_HOSTS_RATE, read_summary, run_cli, usage_error
+from helpers import CAN_BUILD_CLUSTER, TWO_HOSTS_RATE, read_summary, run_cli, usage_error
 
 pytestmark = pytest.mark.emulated_cluster
-CAN_BUILD = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
-needs_root = pytest.mark.skipif(not CAN_BUILD, reason="the emulated cluster needs root and iproute2 (ip, tc)")
+needs_root = pytest.mark.skipif(not CAN_BUILD_CLUSTER,
+                                reason="the emulated cluster needs root and iproute2 (ip, tc)")
 
 
 def distcnn_namespaces() -> list[str]:
@@ -172,7 +171,7 @@ def test_training_on_a_cluster_that_is_down_is_one_line_and_writes_nothing(tmp_p
 
 
 def test_a_study_on_the_emulated_cluster_refuses_before_its_first_run_when_no_cluster_is_up(tmp_path, capsys):
-    if CAN_BUILD:
+    if CAN_BUILD_CLUSTER:
         run_cli("cluster", "down")
     study = tmp_path / "emulated.toml"
     study.write_text('[base]\ndata = "synthetic:n=200"\nepochs = 1\ncluster = "emulated"\nnnodes = 2\n\n'

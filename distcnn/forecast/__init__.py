@@ -71,3 +71,9 @@ def parse_latency(text: str | None) -> float:
         return 0.0
     value, unit = DELAY.match(delay).groups()
     return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit.lower()]
+
+
+def check_profile_seconds(seconds: float | None) -> None:
+    """--profile-seconds (of `distcnn forecast` and of `study --forecast`): None for the default, else above 0."""
+    if seconds is not None and not seconds > 0:
+        raise UsageError(f"--profile-seconds must be above 0, got {seconds}")

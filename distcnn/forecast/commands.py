@@ -94,8 +94,7 @@ def run_forecast(options: dict, request: Request) -> list[dict]:
     nodes = helpers.parse_nodes(request.nodes)
     rates = helpers.parse_rates(request.bandwidth)
     latency = helpers.parse_latency(request.latency)
-    if request.profile_seconds is not None and request.profile_seconds <= 0:
-        raise UsageError(f"--profile-seconds must be above 0, got {request.profile_seconds}")
+    helpers.check_profile_seconds(request.profile_seconds)
     if request.ranks_per_node < 1:
         raise UsageError(f"--ranks-per-node must be at least 1, got {request.ranks_per_node}")
     if request.price_per_node_hour is not None and request.price_per_node_hour < 0:
