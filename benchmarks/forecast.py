@@ -145,12 +145,15 @@ def calibrate(console: Console, folder: Path, configs: list) -> links.LinkProfil
         raise SystemExit(f"calibration failed:\n{done.stderr[-2000:]}")
     link_profile = links.read(profile_path)
     calibration = Table(title="calibration (fitted to; not scored): allreduce on 2 emulated hosts")
-    for column in ("link", "α ms", "B_eff Mbit/s", "share of rate", "hop ms", "slowdown ns/B",
-                   "slowdown ms/message", "burst KiB", "points"):
+    for column in ("link", "α ms", "B_eff Mbit/s", "α idle ms", "B_eff idle Mbit/s", "share of rate", "hop ms",
+                   "slowdown ns/B", "slowdown ms/message", "burst KiB", "points"):
         calibration.add_column(column, justify="right")
     for entry in link_profile.entries:
+        idle = entry.idle_alpha_s is not None
         calibration.add_row(links.format_rate(entry.rate_bits), f"{entry.alpha_s * 1e3:.3f}",
                             f"{entry.bytes_per_s * 8 / 1e6:,.1f}",
+                            f"{entry.idle_alpha_s * 1e3:.3f}" if idle else "-",
+                            f"{entry.idle_bytes_per_s * 8 / 1e6:,.1f}" if idle else "-",
                             f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
                             f"{entry.slowdown_s_per_byte * 1e9:.3f}", f"{entry.slowdown_s_per_message * 1e3:.3f}",
                             f"{entry.burst_bytes / 1024:.0f}", str(len(entry.points)))

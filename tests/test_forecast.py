@@ -99,6 +99,28 @@ def test_powersgd_on_gloo_holds_backward_while_its_chain_runs():
     assert free.seconds == pytest.approx(0.01 + 0.1 + 2 * chain + 0.005, rel=1e-6)
 
 
+def test_a_message_the_rank_waits_for_goes_at_the_idle_figures_one_sent_beside_backward_at_the_busy_ones():
+    # two 1 MB buckets (a 0.5 MB cap): one ready at 0.1 s of a 0.3 s backward, sent beside it; one ready at its
+    # end, which the rank waits for. Beside compute: hop 2 ms, 10 MB/s; alone: hop 1 ms, 20 MB/s
+    profile = hand_made([(1_000_000, 0.1), (1_000_000, 0.3)], buffer_bytes=100_000)
+    link = Link(bytes_per_s=1e7, hop_s=0.002, idle_hop_s=0.001, idle_bytes_per_s=2e7)
+    busy, idle = link.allreduce(1_000_000, 2), link.allreduce(1_000_000, 2, busy=False)
+    assert busy == pytest.approx(0.004 + 0.1) and idle == pytest.approx(0.002 + 0.05)
+    # the first ends at 0.204 s, within backward; the second starts at its end; the broadcast is waited for
+    step = model.step(profile, link, 2, cap_mb=0.5)
+    assert step.seconds == pytest.approx(0.01 + (0.001 + 0.005) + 0.3 + idle + 0.005)
+    # PowerSGD's chain on gloo holds backward: the rank waits for every one of its allreduces
+    chained = Link(bytes_per_s=1e12, hop_s=0.01, chain_hop_s=0.02, idle_chain_hop_s=0.005)
+    assert chained.alpha(2, chained=True) == pytest.approx(0.04)
+    assert chained.alpha(2, chained=True, busy=False) == pytest.approx(0.01)
+    blocking = model.step(hand_made([(4 * MB, 0.3)]), chained, 2, "powersgd", cap_mb=1)
+    assert blocking.seconds == pytest.approx(0.315 + 3 * 0.01, rel=1e-4)
+    # a link measured before the idle figures were: the busy ones for every message
+    old = Link(bytes_per_s=1e7, hop_s=0.002)
+    assert old.allreduce(1_000_000, 2, busy=False) == old.allreduce(1_000_000, 2) == pytest.approx(busy)
+    assert old.alpha(2, chained=True, busy=False) == old.alpha(2) == pytest.approx(0.004)
+
+
 def test_compute_slowdown_stretches_backward_by_the_bytes_sent_while_it_computes():
     # a 1 MB bucket ready a third into backward, sent at once: its bytes cost backward 1e6 x 1e-7 s
     early = hand_made([(1_000_000, 0.1), (4, 0.3)])
@@ -214,6 +236,14 @@ def test_a_calibration_fit_recovers_alpha_and_bandwidth(tmp_path):
     assert link.bytes_per_s == pytest.approx(0.4 * 1e8 / 8) and link.hop_s == pytest.approx(0.0004)
     assert link.latency_s == 0.001 and "share of the 1gbit" in how
     assert link.burst_bytes == 0.0 and link.line_bytes_per_s == math.inf  # no shaper recorded, none uncapped
+    assert link.idle_hop_s is None and link.idle_bytes_per_s is None  # not measured: the busy figures hold
+    # timed alone too: α 0.4 ms (hop 0.2 ms) and 60 % of the rate, carried to another rate as the busy share is
+    idle = links.Calibrated(1e9, 0.0, alpha, effective, 1e-9, 2, points, 0.006, 0.0, 0.0, 0.0004, 7.5e7,
+                            points, 0.003)
+    links.LinkProfile("emulated", "gloo", "inter", ["h1", "h2"], [idle], "").write(tmp_path / "idle.json")
+    measured, _ = links.read(tmp_path / "idle.json").link(1e8, 0.0)
+    assert measured.idle_hop_s == pytest.approx(0.0002) and measured.idle_bytes_per_s == pytest.approx(0.6 * 1e8 / 8)
+    assert measured.chain_hop_s == pytest.approx(0.001) and measured.idle_chain_hop_s == pytest.approx(0.0005)
 
 
 def test_a_shapers_bucket_is_read_from_the_hosts_caps_and_kept_in_the_link_profile(tmp_path):
@@ -228,6 +258,16 @@ def test_a_shapers_bucket_is_read_from_the_hosts_caps_and_kept_in_the_link_profi
     shaped, _ = back.link(1e7, 0.0)
     assert shaped.burst_bytes == 65536 and shaped.line_bytes_per_s == 3e8  # tokens go at the uncapped B_eff
     assert back.link(None, 0.0)[0].burst_bytes == 0.0  # no shaper on an uncapped link
+
+
+def test_the_compute_lost_per_message_is_the_median_of_every_links_measurement(tmp_path):
+    # a 4 KiB message is not slowed by any cap: each link measured the same host figure once, one of them far off
+    entries = [links.Calibrated(rate, 0.0, 1e-3, share * (rate or 8e9) / 8, 1e-9, 2, [[4096, 1e-3]], None, 0.0, lost)
+               for rate, share, lost in ((1e7, 0.9, 0.0015), (1e9, 0.8, 0.0018), (None, 1.0, 0.0061))]
+    profile = links.LinkProfile("emulated", "gloo", "inter", ["h1", "h2"], entries, "")
+    assert profile.fastest.slowdown_s_per_message == 0.0061  # the uncapped link's alone would be the outlier
+    assert profile.slowdown_s_per_message == 0.0018
+    assert all(profile.link(rate, 0.0)[0].slowdown_s_per_message == 0.0018 for rate in (1e7, 1e8, None))
 
 
 def test_bad_forecast_input_is_one_line(tmp_path, capsys):
@@ -361,6 +401,9 @@ def test_a_real_two_host_run_is_checked_against_its_forecast_over_a_calibrated_l
         entry = json.loads(link_file.read_text())["entries"][0]
         assert entry["rate_bits"] == 1e9 and entry["alpha_s"] > 0 and 0.2 < entry["share"] < 1.5
         assert len(entry["points"]) >= 5 and entry["powersgd_bucket_s"] > 0
+        # the same buckets timed alone too (what a bucket the rank waits for costs)
+        assert [size for size, _ in entry["idle_points"]] == [size for size, _ in entry["points"]]
+        assert entry["idle_alpha_s"] > 0 and entry["idle_bytes_per_s"] > 0 and entry["powersgd_bucket_idle_s"] > 0
         fitted = json.loads(link_file.read_text())
         assert 0.25 < fitted["compute_factor"] < 4 and fitted["reference"]["model"] == "lenet"
         assert [run["compute_factor"] for run in fitted["reference"]["runs"]] == [fitted["compute_factor"]]

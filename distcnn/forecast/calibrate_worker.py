@@ -7,7 +7,10 @@ devices. It measures, with the backend training would use:
   run uses, while a compute loop runs beside them as backward would; the median seconds per bucket of
   `repeats` passes after the warm-up, per size (four buckets a pass; two where the last size measured says
   a bucket takes over LONG_BUCKET_S: its bytes dominate it, and four would spend seconds measuring the same);
-- PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices;
+  then the same with nothing computing beside them: a bucket the rank waits for (sent after backward) has
+  the cores the compute loop took;
+- PowerSGD's per-bucket chain (three allreduces, one after another, from callbacks) on 64-row matrices, beside
+  the compute loop and alone;
 - the compute slowdown: a conv loop on every rank, then while another thread sends allreduces of the
   largest bucket size measured: compute seconds lost per byte the rank sent meanwhile; and while it sends
   allreduces of 4 KiB: compute seconds lost per message beyond its bytes.
@@ -16,6 +19,7 @@ Rank 0 writes DIR/calibration.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -83,10 +87,11 @@ class Buckets(nn.Module):
 
 
 def time_buckets(size: int, repeats: int, device: torch.device, count: int = BUCKETS, hook: str = "allreduce",
-                 rows: int = 1) -> float:
+                 rows: int = 1, busy: bool = True) -> float:
     """Median seconds per DDP gradient bucket of `size` bytes, through the same path a run's buckets take
     (DDP's reducer, the counted hook, the futures it waits for): with allreduce what the model's α and B_eff
-    are; with powersgd (on `rows` × n matrices, which it compresses) its chain of three allreduces."""
+    are; with powersgd (on `rows` × n matrices, which it compresses) its chain of three allreduces. `busy`: with
+    the compute loop beside them, as while backward computes; else alone, as after it."""
     module = Buckets(size, count, device, rows)
     ddp = DistributedDataParallel(module, bucket_cap_mb=size / 2**20)  # one parameter per bucket
     comm.register(ddp, hook, count=True)
@@ -94,7 +99,7 @@ def time_buckets(size: int, repeats: int, device: torch.device, count: int = BUC
     seconds = []
     repeats = repeats * 3 if size <= 256 * 2**10 else repeats  # small ones are cheap and noisier
     warmup = WARMUP + (comm.POWERSGD_START_ITERATION if hook == "powersgd" else 0)
-    with Busy(device):  # as in training, the rank computes while its buckets are sent
+    with Busy(device) if busy else contextlib.nullcontext():  # the rank computes while its buckets are sent
         for step in range(warmup + repeats):
             dist.barrier()
             start = time.perf_counter()
@@ -198,14 +203,17 @@ def main(argv: list[str]) -> int:
     request = json.loads((folder / "request.json").read_text())
     ranks = world.setup(config)
     try:
-        points = []
-        for size in sizes(request["max_bytes"]):
-            expected = points[-1][1] * size / points[-1][0] if points else 0.0  # bytes dominate large ones
-            count = BUCKETS if expected < LONG_BUCKET_S else 2
-            points.append([size, time_buckets(size, request["repeats"], ranks.device, count=count)])
-        # PowerSGD's chain of three small allreduces per bucket (its factors of 64-row matrices, rank 1)
-        chain = time_buckets(CHAIN_BYTES, request["repeats"], ranks.device, hook="powersgd", rows=64)
-        measured = {"points": points, "powersgd_bucket_s": chain, "powersgd_bucket_bytes": CHAIN_BYTES,
+        measured = {}
+        for busy, name in ((True, ""), (False, "idle_")):
+            points = []
+            for size in sizes(request["max_bytes"]):
+                expected = points[-1][1] * size / points[-1][0] if points else 0.0  # bytes dominate large ones
+                count = BUCKETS if expected < LONG_BUCKET_S else 2
+                points.append([size, time_buckets(size, request["repeats"], ranks.device, count=count, busy=busy)])
+            # PowerSGD's chain of three small allreduces per bucket (its factors of 64-row matrices, rank 1)
+            chain = time_buckets(CHAIN_BYTES, request["repeats"], ranks.device, hook="powersgd", rows=64, busy=busy)
+            measured |= {f"{name}points": points, f"powersgd_bucket_{name}s": chain}
+        measured |= {"powersgd_bucket_bytes": CHAIN_BYTES,
                     "ranks": ranks.world_size, "backend": ranks.backend,
                     "hosts": world.gather_hosts(ranks)} | slowdown(ranks.device, points[-1][0])
         if ranks.is_main:

@@ -210,14 +210,21 @@ def refit(entries: list, world: int) -> list:
     from distcnn.forecast.link import fit
 
     fastest = max(entries, key=lambda entry: entry.bytes_per_s)
-    hop = fastest.alpha_s / (2 * (world - 1)) - fastest.latency_s
+
+    def moved(measured: float | None, entry, messages: int = 1) -> float | None:
+        """The fastest link's time of `messages` allreduces one after another, with entry's added delay."""
+        delay = messages * 2 * (world - 1) * (entry.latency_s - fastest.latency_s)
+        return None if measured is None else measured + delay
+
     refitted = []
     for entry in entries:
-        alpha = 2 * (world - 1) * (hop + entry.latency_s)
-        chain = None if fastest.powersgd_bucket_s is None else (
-            fastest.powersgd_bucket_s + 3 * 2 * (world - 1) * (entry.latency_s - fastest.latency_s))
+        alpha, idle_alpha = moved(fastest.alpha_s, entry), moved(fastest.idle_alpha_s, entry)
+        idle = fit(entry.idle_points, world, idle_alpha)[1] if entry.idle_points and idle_alpha is not None \
+            else None
         refitted.append(replace(entry, alpha_s=alpha, bytes_per_s=fit(entry.points, world, alpha)[1],
-                                powersgd_bucket_s=chain))
+                                powersgd_bucket_s=moved(fastest.powersgd_bucket_s, entry, 3),
+                                idle_alpha_s=idle_alpha, idle_bytes_per_s=idle,
+                                powersgd_bucket_idle_s=moved(fastest.powersgd_bucket_idle_s, entry, 3)))
     return refitted
 
 
@@ -323,16 +330,19 @@ def calibrate_rate(config, request: Request, folder: Path, rate: float | None, l
         torchrun.launch(run_config, folder, worker=worker)
     measured = json.loads((folder / "calibration.json").read_text())
     alpha, effective = fit(measured["points"], world)
+    idle_alpha, idle_effective = fit(measured["idle_points"], world)
     burst = 0.0
     if emulated_cluster and rate:  # the shaper the hosts had: its bucket, as tc shows it
         hosts_caps = json.loads((folder / "cluster.json").read_text()).get("hosts") or [{}]
         burst = links.shaper_burst(hosts_caps[0].get("caps", ""))
     share = f", {effective * 8 / rate:.0%} of the rate" if rate else ""
-    say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share}, compute slowdown "
+    say(f"  measured: α {alpha * 1e3:.3f} ms, B_eff {effective * 8 / 1e6:,.1f} Mbit/s{share} beside compute; "
+        f"α {idle_alpha * 1e3:.3f} ms, B_eff {idle_effective * 8 / 1e6:,.1f} Mbit/s alone; compute slowdown "
         f"{measured['slowdown_s_per_byte'] * 1e9:.3f} ns per byte sent")
     return measured, Calibrated(rate, latency, alpha, effective, measured["slowdown_s_per_byte"], world,
                                 measured["points"], measured["powersgd_bucket_s"], burst,
-                                measured.get("slowdown_s_per_message", 0.0))
+                                measured.get("slowdown_s_per_message", 0.0), idle_alpha, idle_effective,
+                                measured["idle_points"], measured["powersgd_bucket_idle_s"])
 
 
 def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
@@ -367,7 +377,8 @@ def calibrate(options: dict, request: Request, out: str) -> links.LinkProfile:
     for entry in entries:
         share = f" ({entry.share:.0%} of the rate)" if entry.share else ""
         say(f"{links.format_rate(entry.rate_bits)}: α {entry.alpha_s * 1e3:.3f} ms (from the fastest link), B_eff "
-            f"{entry.bytes_per_s * 8 / 1e6:,.1f} Mbit/s{share}")
+            f"{entry.bytes_per_s * 8 / 1e6:,.1f} Mbit/s{share} beside compute; α {entry.idle_alpha_s * 1e3:.3f} "
+            f"ms, B_eff {entry.idle_bytes_per_s * 8 / 1e6:,.1f} Mbit/s alone")
     scope = "inter" if config.nnodes > 1 else "intra"
     kind = "emulated" if config.cluster == "emulated" else "machines"
     profile = LinkProfile(kind, backend_of(config), scope, hosts, entries, out)

@@ -12,7 +12,13 @@ runs beside it. Fitted from those points, by least squares on t = α + 2(n−1)/
     slowdown_s_per_byte  compute seconds lost per byte a rank sends while it computes (the fastest link's
                      calibration: where the most bytes were sent, the best measured; a property of the hosts)
     slowdown_s_per_message  compute seconds lost per message sent beside it, beyond its bytes: the loop beside
-                     4 KiB allreduces (the fastest link's)
+                     4 KiB allreduces (measured at every link, which does not slow a message that small: their
+                     median)
+    idle_*           α, B_eff and PowerSGD's chain again, timed with no compute beside the buckets: what a
+                     message costs that the rank waits for (after backward, the buffers' broadcast, a chain that
+                     holds backward). α, B_eff and the chain above are timed beside a compute loop, as a bucket
+                     sent while backward computes is; on a CPU the two differ (the collective's threads share the
+                     cores or have them). Profiles written before these were measured use the busy figures
     burst_bytes      the rate shaper's token bucket, read from the hosts' qdisc (tc tbf's burst) on the
                      emulated cluster; 0 on real machines, whose links have no shaper distcnn can see. Bytes
                      it covers go at the uncapped calibration's B_eff
@@ -56,17 +62,31 @@ class Calibrated:
     powersgd_bucket_s: float | None = None  # one PowerSGD bucket's chain of three allreduces, measured
     burst_bytes: float = 0.0  # the rate shaper's bucket as the hosts' qdisc has it (emulated caps); 0: none
     slowdown_s_per_message: float = 0.0  # compute seconds lost per message sent beside it, beyond its bytes
+    # the same timed with nothing computing beside the buckets (None: not measured, the busy figures hold)
+    idle_alpha_s: float | None = None
+    idle_bytes_per_s: float | None = None
+    idle_points: list | None = None
+    powersgd_bucket_idle_s: float | None = None
+
+    def _hop(self, alpha: float | None) -> float | None:
+        return None if alpha is None else max(0.0, alpha / (2 * (self.ranks - 1)) - self.latency_s)
 
     @property
     def hop_s(self) -> float:
-        return max(0.0, self.alpha_s / (2 * (self.ranks - 1)) - self.latency_s)
+        return self._hop(self.alpha_s)
+
+    @property
+    def idle_hop_s(self) -> float | None:
+        return self._hop(self.idle_alpha_s)
 
     @property
     def chain_hop_s(self) -> float | None:
         """The hop of each of PowerSGD's three allreduces per bucket (their bytes are a few KiB)."""
-        if self.powersgd_bucket_s is None:
-            return None
-        return max(0.0, self.powersgd_bucket_s / 3 / (2 * (self.ranks - 1)) - self.latency_s)
+        return self._hop(None if self.powersgd_bucket_s is None else self.powersgd_bucket_s / 3)
+
+    @property
+    def idle_chain_hop_s(self) -> float | None:
+        return self._hop(None if self.powersgd_bucket_idle_s is None else self.powersgd_bucket_idle_s / 3)
 
     @property
     def share(self) -> float | None:
@@ -105,7 +125,8 @@ class LinkProfile:
         return {"format": FORMAT, "kind": self.kind, "backend": self.backend, "scope": self.scope,
                 "hosts": self.hosts, "compute_factor": self.compute_factor, "reference": self.reference,
                 "entries": [entry.__dict__ | {"hop_s": entry.hop_s, "chain_hop_s": entry.chain_hop_s,
-                                              "share": entry.share}
+                                              "idle_hop_s": entry.idle_hop_s,
+                                              "idle_chain_hop_s": entry.idle_chain_hop_s, "share": entry.share}
                             for entry in self.entries]}
 
     def write(self, path: Path) -> None:
@@ -129,25 +150,41 @@ class LinkProfile:
             if entry.rate_bits is not None:
                 raise UsageError(f"bandwidth none (uncapped) was not calibrated in {self.source}: calibrate with "
                                  "--bandwidth none, or give the link's rate")
-            effective, how = entry.bytes_per_s, "calibrated uncapped"
+            how = "calibrated uncapped"
         elif entry.rate_bits is None:
-            effective = min(entry.bytes_per_s, rate_bits / 8)
             how = "uncapped calibration; B_eff capped at the rate"
         else:
-            effective = entry.share * rate_bits / 8
             how = "calibrated" if entry.rate_bits == rate_bits else \
                 f"share of the {format_rate(entry.rate_bits)} calibration"
+
+        def effective(measured: float | None) -> float | None:  # B_eff at this rate from the entry's
+            if measured is None or rate_bits is None:
+                return measured
+            if entry.rate_bits is None:
+                return min(measured, rate_bits / 8)
+            return measured / (entry.rate_bits / 8) * rate_bits / 8
+
         uncapped = [other.bytes_per_s for other in self.entries if other.rate_bits is None]
         burst = entry.burst_bytes if rate_bits is not None else 0.0
-        return Link(effective, latency_s, entry.hop_s, self.slowdown_s_per_byte, self.compute_factor,
-                    entry.chain_hop_s, burst, uncapped[0] if uncapped else math.inf,
-                    self.fastest.slowdown_s_per_message), how
+        return Link(effective(entry.bytes_per_s), latency_s, entry.hop_s, self.slowdown_s_per_byte,
+                    self.compute_factor, entry.chain_hop_s, burst, uncapped[0] if uncapped else math.inf,
+                    self.slowdown_s_per_message, entry.idle_hop_s, effective(entry.idle_bytes_per_s),
+                    entry.idle_chain_hop_s), how
 
     @property
     def fastest(self) -> Calibrated:
         """The calibration of the fastest link: where the hosts' own costs (per message, per byte of CPU) are
         measured best, since the rate slows nothing there."""
         return max(self.entries, key=lambda entry: entry.bytes_per_s)
+
+    @property
+    def slowdown_s_per_message(self) -> float:
+        """What a 4 KiB message costs the compute beside it is the hosts' too, and no cap slows so small a
+        message: every link's calibration measured it once, and the median of those is kept (one measurement
+        on this 2-core machine ranged from 0.7 to 6.1 ms)."""
+        import statistics
+
+        return statistics.median(entry.slowdown_s_per_message for entry in self.entries)
 
     @property
     def slowdown_s_per_byte(self) -> float:
@@ -181,7 +218,9 @@ def read(path: str | Path) -> LinkProfile:
         entries = [Calibrated(entry["rate_bits"], entry["latency_s"], entry["alpha_s"], entry["bytes_per_s"],
                               entry["slowdown_s_per_byte"], entry["ranks"], entry["points"],
                               entry.get("powersgd_bucket_s"), float(entry.get("burst_bytes") or 0.0),
-                              float(entry.get("slowdown_s_per_message") or 0.0))
+                              float(entry.get("slowdown_s_per_message") or 0.0), entry.get("idle_alpha_s"),
+                              entry.get("idle_bytes_per_s"), entry.get("idle_points"),
+                              entry.get("powersgd_bucket_idle_s"))
                    for entry in data["entries"]]
         return LinkProfile(data["kind"], data["backend"], data["scope"], data["hosts"], entries, str(path),
                            float(data.get("compute_factor", 1.0)), data.get("reference"))

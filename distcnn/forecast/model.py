@@ -8,6 +8,9 @@
                        + σ · E[max of n standard normals]     the ranks wait for the slowest at every step
     tokens           a rate shaper's bucket (tc tbf's burst), refilled at B_eff while the link is idle: the
                      first bytes of a message after a pause go at the line rate
+    busy / idle      hop and B_eff of a message begun while backward computes, and of one the rank waits for
+                     (after backward; the buffers' broadcast; PowerSGD's chain on gloo, which holds backward):
+                     on a CPU the collective's threads share the cores with the compute, or have them
 
 `ready_i` is when the last gradient of bucket i is ready in the profiled backward pass, stretched by the
 compute slowdown while communication overlaps it (`slowdown` seconds of compute per byte a rank sends while
@@ -29,7 +32,7 @@ that chain is not overlapped: backward stops while it runs (`blocking`).
 A node's ranks form one ring with the other nodes' ranks; a ring step is as slow as its slowest link, so
 with several nodes the link between nodes sets B_eff and latency, with one node the link inside it. DDP also
 broadcasts the module's buffers (BatchNorm statistics) from rank 0 at every forward: one message of their
-bytes, α + S / B_eff.
+bytes, hop + latency + S / B_eff, idle.
 
 No measurement here: the profile (distcnn.forecast.profile) and the link (distcnn.forecast.link) bring them.
 """
@@ -105,24 +108,39 @@ class Link:
     burst_bytes: float = 0.0  # a rate shaper's token bucket (tc tbf's burst): bytes sent at line rate after idle
     line_bytes_per_s: float = math.inf  # how fast those go: the link's uncapped B_eff (inf: not measured)
     slowdown_s_per_message: float = 0.0  # compute seconds lost per message sent while computing
+    # the same collective while the rank's compute waits for it (after backward; the broadcast before forward;
+    # PowerSGD's chain on gloo): its threads have the cores to themselves (None: as while computing)
+    idle_hop_s: float | None = None
+    idle_bytes_per_s: float | None = None
+    idle_chain_hop_s: float | None = None
 
-    def alpha(self, n: int, chained: bool = False) -> float:
-        hop = self.chain_hop_s if chained and self.chain_hop_s is not None else self.hop_s
+    def alpha(self, n: int, chained: bool = False, busy: bool = True) -> float:
+        if chained:
+            hop = self.chain_hop_s if busy or self.idle_chain_hop_s is None else self.idle_chain_hop_s
+            hop = self.hop_s if hop is None else hop
+        else:
+            hop = self.hop_s if busy or self.idle_hop_s is None else self.idle_hop_s
         return 2 * (n - 1) * (hop + self.latency_s)
 
-    def allreduce(self, size: float, n: int, chained: bool = False, tokens: float = 0.0) -> float:
-        """Seconds of a ring allreduce of `size` bytes; the first `tokens` bytes a rank sends (a shaper's bucket,
-        refilled while the link was idle) go at the line rate."""
+    def rate(self, busy: bool = True) -> float:
+        return self.bytes_per_s if busy or self.idle_bytes_per_s is None else self.idle_bytes_per_s
+
+    def allreduce(self, size: float, n: int, chained: bool = False, tokens: float = 0.0, busy: bool = True) -> float:
+        """Seconds of a ring allreduce of `size` bytes, begun while the rank computes (`busy`) or while it waits;
+        the first `tokens` bytes a rank sends (a shaper's bucket, refilled while the link was idle) go at the
+        line rate."""
         if n <= 1:
             return 0.0
         wire = 2 * (n - 1) / n * size
         covered = min(tokens, wire)
-        return self.alpha(n, chained) + (wire - covered) / self.bytes_per_s + covered / self.line_bytes_per_s
+        return self.alpha(n, chained, busy) + (wire - covered) / self.rate(busy) + covered / self.line_bytes_per_s
 
     def broadcast(self, size: float, n: int) -> float:
+        """DDP's broadcast of the buffers before forward: the rank waits for it, computing nothing."""
         if n <= 1 or size <= 0:
             return 0.0
-        return self.hop_s + self.latency_s + size / self.bytes_per_s
+        hop = self.hop_s if self.idle_hop_s is None else self.idle_hop_s
+        return hop + self.latency_s + size / self.rate(busy=False)
 
 
 @dataclass(frozen=True)
@@ -249,7 +267,7 @@ class _Schedule:
                 computing = not self.blocking and took < backward + held  # begun while backward computes
                 overlapped += computing
                 tokens = min(link.burst_bytes, tokens + (took - last_end) * link.bytes_per_s)
-                begun, took = took, took + link.allreduce(size, self.n, self.hook == "powersgd", tokens)
+                begun, took = took, took + link.allreduce(size, self.n, self.hook == "powersgd", tokens, computing)
                 if computing:
                     overlapped_bytes += ring * size * min(1.0, (backward + held - begun) / max(took - begun, 1e-12))
                 tokens, last_end = tokens - min(tokens, ring * size), took
