@@ -149,11 +149,9 @@ def calibrate(console: Console, folder: Path, configs: list) -> links.LinkProfil
                    "slowdown ns/B", "slowdown ms/message", "burst KiB", "points"):
         calibration.add_column(column, justify="right")
     for entry in link_profile.entries:
-        idle = entry.idle_alpha_s is not None
         calibration.add_row(links.format_rate(entry.rate_bits), f"{entry.alpha_s * 1e3:.3f}",
-                            f"{entry.bytes_per_s * 8 / 1e6:,.1f}",
-                            f"{entry.idle_alpha_s * 1e3:.3f}" if idle else "-",
-                            f"{entry.idle_bytes_per_s * 8 / 1e6:,.1f}" if idle else "-",
+                            f"{entry.bytes_per_s * 8 / 1e6:,.1f}", f"{entry.idle_alpha_s * 1e3:.3f}",
+                            f"{entry.idle_bytes_per_s * 8 / 1e6:,.1f}",
                             f"{entry.share:.3f}" if entry.share else "-", f"{entry.hop_s * 1e3:.3f}",
                             f"{entry.slowdown_s_per_byte * 1e9:.3f}", f"{entry.slowdown_s_per_message * 1e3:.3f}",
                             f"{entry.burst_bytes / 1024:.0f}", str(len(entry.points)))

@@ -219,11 +219,9 @@ def refit(entries: list, world: int) -> list:
     refitted = []
     for entry in entries:
         alpha, idle_alpha = moved(fastest.alpha_s, entry), moved(fastest.idle_alpha_s, entry)
-        idle = fit(entry.idle_points, world, idle_alpha)[1] if entry.idle_points and idle_alpha is not None \
-            else None
         refitted.append(replace(entry, alpha_s=alpha, bytes_per_s=fit(entry.points, world, alpha)[1],
                                 powersgd_bucket_s=moved(fastest.powersgd_bucket_s, entry, 3),
-                                idle_alpha_s=idle_alpha, idle_bytes_per_s=idle,
+                                idle_alpha_s=idle_alpha, idle_bytes_per_s=fit(entry.idle_points, world, idle_alpha)[1],
                                 powersgd_bucket_idle_s=moved(fastest.powersgd_bucket_idle_s, entry, 3)))
     return refitted
 

@@ -114,13 +114,15 @@ class Link:
     idle_bytes_per_s: float | None = None
     idle_chain_hop_s: float | None = None
 
+    def hop(self, chained: bool = False, busy: bool = True) -> float:
+        """One ring step's software cost: PowerSGD's chained allreduces have their own, and a message the rank
+        waits for its figure measured alone (each the plainer figure where it was not measured)."""
+        busy_hop = self.chain_hop_s if chained and self.chain_hop_s is not None else self.hop_s
+        idle_hop = self.idle_chain_hop_s if chained else self.idle_hop_s
+        return busy_hop if busy or idle_hop is None else idle_hop
+
     def alpha(self, n: int, chained: bool = False, busy: bool = True) -> float:
-        if chained:
-            hop = self.chain_hop_s if busy or self.idle_chain_hop_s is None else self.idle_chain_hop_s
-            hop = self.hop_s if hop is None else hop
-        else:
-            hop = self.hop_s if busy or self.idle_hop_s is None else self.idle_hop_s
-        return 2 * (n - 1) * (hop + self.latency_s)
+        return 2 * (n - 1) * (self.hop(chained, busy) + self.latency_s)
 
     def rate(self, busy: bool = True) -> float:
         return self.bytes_per_s if busy or self.idle_bytes_per_s is None else self.idle_bytes_per_s
@@ -139,8 +141,7 @@ class Link:
         """DDP's broadcast of the buffers before forward: the rank waits for it, computing nothing."""
         if n <= 1 or size <= 0:
             return 0.0
-        hop = self.hop_s if self.idle_hop_s is None else self.idle_hop_s
-        return hop + self.latency_s + size / self.rate(busy=False)
+        return self.hop(busy=False) + self.latency_s + size / self.rate(busy=False)
 
 
 @dataclass(frozen=True)
