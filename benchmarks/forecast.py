@@ -16,7 +16,7 @@ Then the bucket cap the model recommends is trained against DDP's default 25 MB.
 
 Needs root (network namespaces); brings its own cluster up and takes it down.
 
-    .venv/bin/python benchmarks/forecast.py [--steps 16] [--repeats 3] [--quick] [--write-validation]
+    .venv/bin/python benchmarks/forecast.py [--steps 16] [--repeats 3] [--quick | --regime R] [--write-validation]
     .venv/bin/python benchmarks/forecast.py --rescore [--write-validation]   # the kept runs, the model as it is
     .venv/bin/python benchmarks/forecast.py --caps [--repeats 3]   # the recommended bucket caps only, trained
 """
@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of profile and run per configuration (their medians are scored)")
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations only")
+    parser.add_argument("--regime", choices=("compute", "bandwidth", "latency"),
+                        help="only the configurations of one regime (and the links they use)")
     parser.add_argument("--keep", default="runs/forecast-benchmark", help="where the runs are kept (replaced)")
     parser.add_argument("--write-validation", action="store_true",
                         help=f"store the errors in {VALIDATION.relative_to(ROOT)} for the forecast's output")
@@ -114,6 +116,7 @@ def main() -> None:
         raise SystemExit(f"forecast benchmark: {error}")
     console = Console(width=190)
     chosen = QUICK if args.quick else range(len(CONFIGS))  # run{i} is CONFIGS[i], as --rescore reads it back
+    chosen = [i for i in chosen if args.regime in (None, CONFIGS[i][5])]
     configs = [CONFIGS[i] for i in chosen]
     started = time.perf_counter()
     cluster.up(2)
@@ -333,7 +336,7 @@ def report(console: Console, results: list[dict], cap_rows: list[dict], started:
     if cap_rows:
         print_caps(console, cap_rows)
     console.print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
-    if args.write_validation and not args.quick:
+    if args.write_validation and not args.quick and not args.regime:
         VALIDATION.write_text(json.dumps({
             "held_out": len(results), "where": "2 emulated hosts, 1 rank × 1 thread each",
             "date": date.today().isoformat(), "median_abs_error": statistics.median(errors["all"]),

@@ -239,13 +239,22 @@ class TrainConfig(BaseModel):
             return self.threads
         if gpu:
             return max(1, min(GPU_THREADS_PER_RANK, available_cores()))
-        return max(1, available_cores() // self.ranks_on_machine(local_ranks))
+        return max(1, available_cores() // self.ranks_on_cores(local_ranks))
 
     def ranks_on_machine(self, per_host: int | None = None) -> int:
         """The ranks that share this machine's cores, memory and GPUs (the one place this rule is written):
         one host's (`per_host`, default --nproc-per-node), and every emulated host's ranks run here too."""
         per_host = per_host or self.nproc_per_node
         return per_host * (self.nnodes if self.cluster == "emulated" else 1)
+
+
+    def ranks_on_cores(self, per_host: int | None = None) -> int:
+        """The ranks that share the cores this process may use: the machine's (ranks_on_machine), but inside an
+        emulated host only that host's, since each host is pinned to cores of its own (distcnn.cluster.host_cores)."""
+        from distcnn.record import HOST_ENV
+
+        inside_host = self.cluster == "emulated" and os.environ.get(HOST_ENV)
+        return (per_host or self.nproc_per_node) if inside_host else self.ranks_on_machine(per_host)
 
 
 def available_cores() -> int:

@@ -169,6 +169,21 @@ def test_gpu_ranks_take_few_threads(monkeypatch):
     assert make_config({"threads": 6}).threads_per_rank(1, gpu=True) == 6
 
 
+def test_an_emulated_hosts_ranks_share_its_own_cores_only(monkeypatch):
+    from distcnn.cluster import host_cores
+    from distcnn.record import HOST_ENV
+
+    assert host_cores(1, 2, list(range(16))) == list(range(8)) and host_cores(2, 2, list(range(16))) == list(range(8, 16))
+    assert host_cores(2, 3, [0, 1, 2, 3, 4, 5, 6]) == [2, 3], "an even share each; a core left over stays free"
+    assert [host_cores(i, 3, [0, 1]) for i in (1, 2, 3)] == [[0], [1], [0]], "more hosts than cores: they share"
+    config = make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 2})
+    monkeypatch.setattr("distcnn.config.available_cores", lambda: 16)
+    assert config.threads_per_rank() == 4, "the launcher: 16 cores for 2 hosts of 2 ranks"
+    monkeypatch.setenv(HOST_ENV, "distcnn-h1")
+    monkeypatch.setattr("distcnn.config.available_cores", lambda: 8)  # inside host 1, pinned to its 8 cores
+    assert config.threads_per_rank() == 4, "a rank inside a host shares the host's cores with its own ranks only"
+
+
 def test_gpu_only_and_toolchain_checks_in_words(monkeypatch):
     with pytest.raises(UsageError, match="reduce-overhead"):
         speed.check("fp32", "reduce-overhead", "cpu")

@@ -40,7 +40,9 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
                                 "NCCL_SOCKET_IFNAME": cluster.INTERFACE}
             argv = [sys.executable, "-m", "distcnn.node_agent", str(run_dir), host.address, endpoint, rdzv_id,
                     "1" if i == 0 else "0", worker]
-            agents.append((host, cluster.start_in(host, argv, env)))
+            # each host on cores of its own, as real hosts are: unpinned, one host's collective threads took
+            # the core the other's backward computed on
+            agents.append((host, cluster.start_in(host, argv, env, cluster.host_cores(i + 1, len(members)))))
         # once an agent has ended, the others end within moments: they finished too (torchrun's exit barrier),
         # or cannot finish without it (it failed, or its ranks failed on their way out after the run): a moment
         # to stop on their own, as no agent waits 300 s in the exit barrier for one that will not come; a
