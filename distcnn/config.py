@@ -251,10 +251,11 @@ class TrainConfig(BaseModel):
     def ranks_on_cores(self, per_host: int | None = None) -> int:
         """The ranks that share the cores this process may use: the machine's (ranks_on_machine), but inside an
         emulated host only that host's, since each host is pinned to cores of its own (distcnn.cluster.host_cores)."""
-        from distcnn.record import HOST_ENV
-
         inside_host = self.cluster == "emulated" and os.environ.get(HOST_ENV)
         return (per_host or self.nproc_per_node) if inside_host else self.ranks_on_machine(per_host)
+
+
+HOST_ENV = "DISTCNN_HOST"  # set inside an emulated host, to its name: the machine's own is not the host's
 
 
 def available_cores() -> int:

@@ -45,13 +45,14 @@ STALLED = "stalled.txt"  # the line a rank whose collective timed out leaves for
 TELEMETRY = "telemetry"
 TEXT_COLUMNS = {"phase", "host"}  # the series' columns that are not numbers
 
-HOST_ENV = "DISTCNN_HOST"  # the host's name where the machine's own is not the host (an emulated host)
 # Set by a study that runs several runs at once (--parallel): where this run ran and beside which runs.
 PLACEMENT_ENV = "DISTCNN_PLACEMENT"
 
 
 def host_name() -> str:
     """The host a run's files and counters belong to: the emulated host's name, else the machine's."""
+    from distcnn.config import HOST_ENV
+
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
 

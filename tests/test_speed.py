@@ -171,7 +171,7 @@ def test_gpu_ranks_take_few_threads(monkeypatch):
 
 def test_an_emulated_hosts_ranks_share_its_own_cores_only(monkeypatch):
     from distcnn.cluster import host_cores
-    from distcnn.record import HOST_ENV
+    from distcnn.config import HOST_ENV
 
     assert host_cores(1, 2, list(range(16))) == list(range(8)) and host_cores(2, 2, list(range(16))) == list(range(8, 16))
     assert host_cores(2, 3, [0, 1, 2, 3, 4, 5, 6]) == [2, 3], "an even share each; a core left over stays free"

@@ -7,10 +7,10 @@ import signal
 from pathlib import Path
 
 from distcnn import ownership
-from distcnn.config import TrainConfig
+from distcnn.config import HOST_ENV, TrainConfig
 from distcnn.errors import WorkersFailed
 from distcnn.parallel.torchrun import WORKER
-from distcnn.record import HOST_ENV, RunRecord
+from distcnn.record import RunRecord
 
 AGENTS_SETTLE_S = 15.0  # once a node agent has ended well, how long the others get to end on their own
 FAILED_SETTLE_S = 3.0  # once one has failed: the job has failed, the others only get to say why on their own
