@@ -338,7 +338,8 @@ def report(console: Console, results: list[dict], cap_rows: list[dict], started:
     console.print(f"python {' '.join(sys.argv)}; {os.cpu_count()} cores; {time.perf_counter() - started:.0f} s")
     if args.write_validation and not args.quick and not args.regime:
         VALIDATION.write_text(json.dumps({
-            "held_out": len(results), "where": "2 emulated hosts, 1 rank × 1 thread each",
+            "held_out": len(results),
+            "where": "2 emulated hosts, each pinned to a core of its own, 1 rank × 1 thread each",
             "date": date.today().isoformat(), "median_abs_error": statistics.median(errors["all"]),
             "worst_abs_error": max(errors["all"]), "kendall_tau": tau,
             "by_regime": {regime: {"median": statistics.median(v), "worst": max(v)}

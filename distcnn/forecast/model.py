@@ -47,9 +47,9 @@ DEFAULT_CAP_MB = 25.0  # DDP's bucket_cap_mb
 FIRST_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket when the cap is its default (torch's _DEFAULT_FIRST_BUCKET_BYTES)
 CAPS_TRIED_MB = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
 # a cap is recommended over DDP's default only where it is forecast this much faster, more than the forecast's
-# own error: measured on 2 pinned emulated hosts (3 runs each, two benchmarks), resnet18 b32 uncapped was
-# forecast 6 and 19 % faster at 5 MB and ran 4 and 11 % faster; deepcnn b32 at 1gbit was forecast 6 and 8 %
-# faster at 1 MB and ran 2 and 1 % slower (README: where the model is known to be wrong)
+# own error: measured on 2 pinned emulated hosts (3 runs each, three benchmarks), resnet18 b32 uncapped was
+# forecast 6-19 % faster at 2-5 MB and ran 4-11 % faster; deepcnn b32 at 1gbit was forecast 6-8 % faster at
+# 1 MB and ran 1-2 % slower (README: where the model is known to be wrong)
 MIN_CAP_GAIN = 0.05
 POWERSGD_MIN_COMPRESSION_RATE = 2  # PowerSGDState's default
 
