@@ -245,17 +245,6 @@ def describe() -> dict:
     return described
 
 
-def host_cores(index: int, count: int, cores: list[int] | None = None) -> list[int]:
-    """The cores host `index` (1..count) of `count` has to itself: an even share of this machine's (of `cores`,
-    default this process's CPU affinity), as each real host has cores of its own; with more hosts than cores,
-    one core each, round robin (they share)."""
-    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
-    if count > len(cores):
-        return [cores[(index - 1) % len(cores)]]
-    share = len(cores) // count
-    return cores[(index - 1) * share:index * share]
-
-
 def start_in(host: Host, argv: list[str], env: dict, cores: list[int] | None = None) -> subprocess.Popen:
     """Start a process inside a host (`ip netns exec` and taskset exec it: the pid is the process's own), on
     `cores` only where given (it and every process and thread it starts)."""

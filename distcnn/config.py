@@ -247,15 +247,25 @@ class TrainConfig(BaseModel):
         per_host = per_host or self.nproc_per_node
         return per_host * (self.nnodes if self.cluster == "emulated" else 1)
 
-
     def ranks_on_cores(self, per_host: int | None = None) -> int:
         """The ranks that share the cores this process may use: the machine's (ranks_on_machine), but inside an
-        emulated host only that host's, since each host is pinned to cores of its own (distcnn.cluster.host_cores)."""
+        emulated host only that host's, since each host is pinned to cores of its own (share_of_cores)."""
         inside_host = self.cluster == "emulated" and os.environ.get(HOST_ENV)
         return (per_host or self.nproc_per_node) if inside_host else self.ranks_on_machine(per_host)
 
 
 HOST_ENV = "DISTCNN_HOST"  # set inside an emulated host, to its name: the machine's own is not the host's
+
+
+def share_of_cores(index: int, count: int, cores: list[int] | None = None) -> list[int]:
+    """Share `index` (0..count−1) of `count` even shares of `cores` (default: this process's CPU affinity), the
+    cores left over unused: each emulated host's, each of a study's runs side by side. With more shares than
+    cores, one core each, round robin (they share)."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    if count > len(cores):
+        return [cores[index % len(cores)]]
+    share = len(cores) // count
+    return cores[index * share:(index + 1) * share]
 
 
 def available_cores() -> int:

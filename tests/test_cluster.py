@@ -101,10 +101,10 @@ def test_two_hosts_train_a_two_node_job_with_per_host_traffic_and_exact_bytes(tw
     assert all("rate 1Gbit" in host["caps"] for host in layout["hosts"])
     environment = json.loads((out / "environment.json").read_text())
     assert sorted(environment["hosts"]) == ["distcnn-h1", "distcnn-h2"]  # rank 0 is whichever node joined first
-    from distcnn.cluster import host_cores
+    from distcnn.config import share_of_cores
 
     # each host on cores of its own (rank 0's host is either)
-    assert environment["cpu_affinity"] in (host_cores(1, 2), host_cores(2, 2)), environment["cpu_affinity"]
+    assert environment["cpu_affinity"] in (share_of_cores(0, 2), share_of_cores(1, 2)), environment["cpu_affinity"]
 
     down = run_cli("cluster", "down")
     assert down.returncode == 0 and "distcnn-h1" in down.stdout

@@ -170,12 +170,12 @@ def test_gpu_ranks_take_few_threads(monkeypatch):
 
 
 def test_an_emulated_hosts_ranks_share_its_own_cores_only(monkeypatch):
-    from distcnn.cluster import host_cores
-    from distcnn.config import HOST_ENV
+    from distcnn.config import HOST_ENV, share_of_cores
 
-    assert host_cores(1, 2, list(range(16))) == list(range(8)) and host_cores(2, 2, list(range(16))) == list(range(8, 16))
-    assert host_cores(2, 3, [0, 1, 2, 3, 4, 5, 6]) == [2, 3], "an even share each; a core left over stays free"
-    assert [host_cores(i, 3, [0, 1]) for i in (1, 2, 3)] == [[0], [1], [0]], "more hosts than cores: they share"
+    cores = list(range(16))
+    assert share_of_cores(0, 2, cores) == list(range(8)) and share_of_cores(1, 2, cores) == list(range(8, 16))
+    assert share_of_cores(1, 3, [0, 1, 2, 3, 4, 5, 6]) == [2, 3], "an even share each; a core left over stays free"
+    assert [share_of_cores(i, 3, [0, 1]) for i in (0, 1, 2)] == [[0], [1], [0]], "more hosts than cores: they share"
     config = make_config({"cluster": "emulated", "nnodes": 2, "nproc_per_node": 2})
     monkeypatch.setattr("distcnn.config.available_cores", lambda: 16)
     assert config.threads_per_rank() == 4, "the launcher: 16 cores for 2 hosts of 2 ranks"

@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from distcnn import ownership
-from distcnn.config import HOST_ENV, TrainConfig
+from distcnn.config import HOST_ENV, TrainConfig, share_of_cores
 from distcnn.errors import WorkersFailed
 from distcnn.parallel.torchrun import WORKER
 from distcnn.record import RunRecord
@@ -42,7 +42,7 @@ def launch_emulated(config: TrainConfig, run_dir: Path, worker: str = WORKER) ->
                     "1" if i == 0 else "0", worker]
             # each host on cores of its own, as real hosts are: unpinned, one host's collective threads took
             # the core the other's backward computed on
-            agents.append((host, cluster.start_in(host, argv, env, cluster.host_cores(i + 1, len(members)))))
+            agents.append((host, cluster.start_in(host, argv, env, share_of_cores(i, len(members)))))
         # once an agent has ended, the others end within moments: they finished too (torchrun's exit barrier),
         # or cannot finish without it (it failed, or its ranks failed on their way out after the run): a moment
         # to stop on their own, as no agent waits 300 s in the exit barrier for one that will not come; a

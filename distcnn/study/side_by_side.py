@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from distcnn.config import share_of_cores
 from distcnn.console import say
 from distcnn.errors import UsageError
 from distcnn.parallel import world
@@ -53,8 +54,7 @@ def plan_slots(count: int, gpus: bool) -> list[dict]:
             raise UsageError(f"--parallel {count}: the runs train on GPUs and {available} are visible; at most "
                              f"{available} runs at once, one GPU or more each")
         devices = [list(range(available))[i::count] for i in range(count)]
-    share = len(cores) // count
-    return [{"slot": i, "cpus": cores[i * share:(i + 1) * share], "gpus": devices[i] if gpus else None}
+    return [{"slot": i, "cpus": share_of_cores(i, count, cores), "gpus": devices[i] if gpus else None}
             for i in range(count)]
 
 
